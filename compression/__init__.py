@@ -1,0 +1,1 @@
+"""Compression: profiles, quantizers, artifact cache, evaluation."""

@@ -1,0 +1,1 @@
+"""shrinkserve HTTP server: OpenAI schemas, routing, metrics, settings, engines."""

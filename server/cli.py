@@ -1,0 +1,127 @@
+"""`shrinkserve` command line: serve, compress, profiles, bench."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+
+def _setup_env() -> None:
+    # OpenMP's default spin-waiting made torch 8-20x slower with 2 threads on a busy box; it must be
+    # set before torch (or llama.cpp's OpenMP runtime) starts its thread pool. An explicit value wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever fetched from a hub
+
+
+def _settings(args: argparse.Namespace, **overrides: object):
+    from shrinkserve.server.settings import load_settings
+
+    return load_settings(args.config, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+    from shrinkserve.server.app import create_app
+
+    settings = _settings(args, host=args.host, port=args.port)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(settings)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                timeout_graceful_shutdown=30)
+    return 0
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from shrinkserve.compression.cache import ArtifactCache
+    from shrinkserve.compression.profiles import ProfileBuilder
+    from tqdm import tqdm
+
+    settings = _settings(args)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    names = list(settings.profiles) if args.all or not args.profile else args.profile
+    unknown = [n for n in names if n not in settings.profiles]
+    if unknown:
+        print(f"unknown profile(s): {', '.join(unknown)}; have: {', '.join(settings.profiles)}", file=sys.stderr)
+        return 2
+    builder = ProfileBuilder(ArtifactCache(settings.cache_dir), settings.bases, settings.profiles,
+                             threads=settings.threads)
+    with tqdm(names, desc="building profiles", unit="profile") as bar:
+        for name in bar:
+            bar.set_postfix_str(name)
+            built = builder.build(name)
+            tqdm.write(f"{name:14s} {built.method:14s} {built.bytes / 2**20:8.1f} MiB  "
+                       f"{'cache hit' if built.cache_hit else f'built in {built.build_seconds:.1f}s'}  {built.path}")
+    return 0
+
+
+def cmd_profiles(args: argparse.Namespace) -> int:
+    from shrinkserve.compression.cache import ArtifactCache
+    from shrinkserve.compression.profiles import ProfileBuilder
+
+    settings = _settings(args)
+    builder = ProfileBuilder(ArtifactCache(settings.cache_dir), settings.bases, settings.profiles,
+                             threads=settings.threads)
+    rows = [builder.status(name) for name in settings.profiles]
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return 0
+    print(f"{'profile':14s} {'method':14s} {'engine':9s} {'load':6s} {'state':8s} {'MiB':>8s}  path")
+    for r in rows:
+        size = f"{r['bytes'] / 2**20:8.1f}" if r["bytes"] else "       -"
+        print(f"{r['name']:14s} {r['method']:14s} {r['engine']:9s} {r['load']:6s} {r['state']:8s} {size}  "
+              f"{r['path'] or ''}")
+    return 0
+
+
+def cmd_bench(argv: list[str]) -> int:
+    from shrinkserve.server.bench import main as bench_main
+
+    return bench_main(argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="shrinkserve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--config", type=Path, help="profiles/routes YAML (default: $SHRINKSERVE_CONFIG or built-in)")
+        return p
+
+    serve = with_config(sub.add_parser("serve", help="start the OpenAI-compatible server"))
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.set_defaults(func=cmd_serve)
+
+    compress = with_config(sub.add_parser("compress", help="build profile artifacts ahead of time"))
+    compress.add_argument("--profile", action="append", help="profile to build (repeatable; default: all)")
+    compress.add_argument("--all", action="store_true", help="build every profile")
+    compress.set_defaults(func=cmd_compress)
+
+    profiles = with_config(sub.add_parser("profiles", help="list profiles with cache state and sizes"))
+    profiles.add_argument("--json", action="store_true")
+    profiles.set_defaults(func=cmd_profiles)
+
+    sub.add_parser("bench", help="load-test a running server (see `shrinkserve bench --help`)", add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    _setup_env()
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "bench":
+        return cmd_bench(argv[1:])
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"shrinkserve: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

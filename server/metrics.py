@@ -1,0 +1,63 @@
+"""Prometheus metric families, every one labelled by `profile`.
+
+Names, meanings and bucket layouts follow vLLM's (`vllm:time_to_first_token_seconds` →
+`shrinkserve_time_to_first_token_seconds`, ...), so a vLLM dashboard ports by renaming the prefix
+and `model_name` → `profile`. Process RSS comes from prometheus-client's default process collector.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.process_collector import ProcessCollector
+
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+                40.0, 80.0, 160.0, 640.0, 2560.0)
+ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
+               80.0)
+REQUEST_LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
+                           240.0, 480.0, 960.0, 1920.0, 7680.0)
+BUILD_BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0)
+
+
+class Metrics:
+    """One set of families in its own registry (tests and several apps in one process don't collide)."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        ProcessCollector(registry=r)
+        p = ["profile"]
+        self.requests = Counter("shrinkserve_requests", "HTTP requests by profile and status code.",
+                                ["profile", "status"], registry=r)
+        self.request_success = Counter("shrinkserve_request_success", "Finished generations by finish reason.",
+                                       ["profile", "finished_reason"], registry=r)
+        self.ttft = Histogram("shrinkserve_time_to_first_token_seconds", "Time to first token (from arrival).",
+                              p, buckets=TTFT_BUCKETS, registry=r)
+        self.itl = Histogram("shrinkserve_inter_token_latency_seconds", "Time between consecutive output tokens.",
+                             p, buckets=ITL_BUCKETS, registry=r)
+        self.e2e = Histogram("shrinkserve_e2e_request_latency_seconds", "End-to-end request latency.",
+                             p, buckets=REQUEST_LATENCY_BUCKETS, registry=r)
+        self.queue_time = Histogram("shrinkserve_request_queue_time_seconds", "Time spent waiting for a slot.",
+                                    p, buckets=REQUEST_LATENCY_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("shrinkserve_prompt_tokens", "Prompt tokens processed.", p, registry=r)
+        self.generation_tokens = Counter("shrinkserve_generation_tokens", "Tokens generated.", p, registry=r)
+        self.running = Gauge("shrinkserve_num_requests_running", "Generations running now.", p, registry=r)
+        self.waiting = Gauge("shrinkserve_num_requests_waiting", "Requests queued for a slot.", p, registry=r)
+        self.artifact_bytes = Gauge("shrinkserve_artifact_bytes", "Bytes of the profile's artifact on disk.",
+                                    p, registry=r)
+        self.resident_bytes = Gauge("shrinkserve_profile_resident_memory_bytes",
+                                    "Process RSS added by loading the profile.", p, registry=r)
+        self.profile_ready = Gauge("shrinkserve_profile_ready", "1 when the profile serves requests.", p, registry=r)
+        self.build_seconds = Histogram("shrinkserve_compression_build_duration_seconds",
+                                       "Time to build or fetch a profile's artifact.", p, buckets=BUILD_BUCKETS,
+                                       registry=r)
+        self.cache_events = Counter("shrinkserve_artifact_cache", "Artifact cache lookups by result.",
+                                    ["profile", "result"], registry=r)
+
+    def declare(self, profile: str) -> None:
+        """Create a profile's zero-valued children so series exist before the first request."""
+        for g in (self.running, self.waiting, self.profile_ready):
+            g.labels(profile).set(0)
+        for c in (self.prompt_tokens, self.generation_tokens):
+            c.labels(profile)
+        for h in (self.ttft, self.itl, self.e2e, self.queue_time):
+            h.labels(profile)

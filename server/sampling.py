@@ -1,0 +1,73 @@
+"""Sampling and logprobs from raw next-token logits, the same for every engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+# top_p usually keeps a few dozen tokens; sorting only this many candidates instead of the whole
+# vocabulary keeps per-token sampling cost well under a millisecond.
+_TOP_P_CANDIDATES = 512
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    logprobs: int | None = None  # None: no logprobs; k ≥ 0: the chosen token's plus the top k
+    ignore_eos: bool = False
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise log-softmax in float64 (sums over a 49k vocabulary lose digits in float32)."""
+    z = logits.astype(np.float64, copy=False)
+    z = z - z.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def top_k(logprobs_row: np.ndarray, k: int) -> list[tuple[int, float]]:
+    """The k most likely tokens as (id, logprob), most likely first."""
+    if k <= 0:
+        return []
+    k = min(k, logprobs_row.shape[-1])
+    idx = np.argpartition(-logprobs_row, k - 1)[:k]
+    idx = idx[np.argsort(-logprobs_row[idx], kind="stable")]
+    return [(int(i), float(logprobs_row[i])) for i in idx]
+
+
+class Sampler:
+    """Temperature / top-p sampling with a per-request RNG: the same seed gives the same tokens."""
+
+    def __init__(self, params: SamplingParams) -> None:
+        self.temperature = params.temperature
+        self.top_p = params.top_p
+        seed = None if params.seed is None else params.seed % 2**64
+        self.rng = np.random.default_rng(seed)
+
+    def __call__(self, logits_row: np.ndarray) -> int:
+        if self.temperature == 0.0:
+            return int(np.argmax(logits_row))
+        z = logits_row.astype(np.float64) / self.temperature
+        p = np.exp(z - z.max())
+        total = p.sum()
+        if self.top_p < 1.0:
+            return self._nucleus(p, total)
+        cdf = np.cumsum(p)
+        return int(min(np.searchsorted(cdf, self.rng.random() * cdf[-1], side="right"), len(p) - 1))
+
+    def _nucleus(self, p: np.ndarray, total: float) -> int:
+        k = min(_TOP_P_CANDIDATES, len(p))
+        cand = np.argpartition(-p, k - 1)[:k]
+        cand = cand[np.argsort(-p[cand], kind="stable")]
+        mass = np.cumsum(p[cand]) / total
+        if mass[-1] < self.top_p and k < len(p):  # a very flat distribution: sort everything
+            cand = np.argsort(-p, kind="stable")
+            mass = np.cumsum(p[cand]) / total
+        keep = int(np.searchsorted(mass, self.top_p, side="left")) + 1
+        cdf = mass[:keep]
+        pick = int(np.searchsorted(cdf, self.rng.random() * cdf[-1], side="right"))
+        return int(cand[min(pick, keep - 1)])

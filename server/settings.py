@@ -1,0 +1,107 @@
+"""Server configuration: `SHRINKSERVE_*` environment variables over one YAML file over defaults.
+
+The YAML file declares bases (where weights come from), profiles (how each deployment is derived
+from a base and which engine serves it) and routes (URL prefix → profile).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+from shrinkserve.compression.profiles import BaseSpec, ProfileSpec
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def default_config_path() -> Path:
+    return Path(str(resources.files("shrinkserve.server").joinpath("default_config.yaml")))
+
+
+def default_threads() -> int:
+    # Prefer the CPUs this process may run on (containers and taskset narrow it).
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - non-Linux
+        return max(1, os.cpu_count() or 1)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="SHRINKSERVE_", env_nested_delimiter="__", extra="forbid", yaml_file=None
+    )
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    cache_dir: Path = Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "shrinkserve"
+    threads: int = Field(default_factory=default_threads, ge=1)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # Seconds a request for a lazy profile waits while that profile is built and loaded.
+    load_timeout_seconds: float = Field(default=900.0, gt=0)
+    api_keys: list[str] = Field(default_factory=list, description="accepted bearer tokens; empty = no auth")
+
+    bases: dict[str, BaseSpec] = Field(default_factory=lambda: {"smollm2": BaseSpec()})
+    profiles: dict[str, ProfileSpec] = Field(default_factory=dict)
+    routes: dict[str, str] = Field(default_factory=dict)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, YamlConfigSettingsSource(settings_cls), file_secret_settings)
+
+    @field_validator("cache_dir")
+    @classmethod
+    def _expand(cls, v: Path) -> Path:
+        return v.expanduser()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if not self.bases:
+            raise ValueError("at least one base is required")
+        if not self.profiles:
+            raise ValueError("at least one profile is required")
+        first_base = next(iter(self.bases))
+        for name, profile in self.profiles.items():
+            if not _NAME.match(name):
+                raise ValueError(f"profile name {name!r} must match {_NAME.pattern}")
+            if profile.base is None:
+                profile.base = first_base
+            elif profile.base not in self.bases:
+                raise ValueError(f"profile {name!r} names unknown base {profile.base!r}")
+        normalized: dict[str, str] = {}
+        for prefix, profile_name in self.routes.items():
+            clean = "/" + prefix.strip("/")
+            if clean == "/" or not re.fullmatch(r"(/[A-Za-z0-9._-]+)+", clean):
+                raise ValueError(f"route prefix {prefix!r} must look like '/q4' (not '/')")
+            if clean.split("/")[1] in {"v1", "metrics", "health", "ready", "tokenize", "detokenize"}:
+                raise ValueError(f"route prefix {prefix!r} collides with a built-in endpoint")
+            if profile_name not in self.profiles:
+                raise ValueError(f"route {prefix!r} names unknown profile {profile_name!r}")
+            normalized[clean] = profile_name
+        self.routes = normalized
+        return self
+
+
+def load_settings(config: str | Path | None = None, **overrides: Any) -> Settings:
+    """Settings from env, then the YAML file (argument, else `SHRINKSERVE_CONFIG`, else the shipped default)."""
+    path = Path(config or os.environ.get("SHRINKSERVE_CONFIG") or default_config_path()).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    bound = type("BoundSettings", (Settings,), {"model_config": {**Settings.model_config, "yaml_file": path}})
+    return bound(**overrides)
