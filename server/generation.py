@@ -62,15 +62,19 @@ def prefill(
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Feed `ids` into `seq`; return (logits after the last id, logprobs for positions 1..n-1 or None).
 
-    Reuses the longest cached prefix unless per-position logprobs are needed (those positions' logits
-    are not kept). Always re-feeds at least one token so there are logits to sample from.
+    Chunks always start at multiples of `engine.max_batch`, and only whole chunks that an earlier
+    prefill computed the same way are reused. Logits depend (in the last bits) on how tokens were
+    batched, so this keeps a request's output independent of what the slot served before: the same
+    request with the same seed gives the same text. Per-position logprobs need every position's
+    logits, so they disable reuse.
     """
     keep = 0
     if reuse_prefix and not want_prompt_logprobs:
+        limit = min(seq.exact_prefix, len(ids) - 1)
         cached = seq.tokens
-        limit = min(len(cached), len(ids) - 1)
         while keep < limit and cached[keep] == ids[keep]:
             keep += 1
+        keep -= keep % engine.max_batch
     seq.truncate(keep)
     rows: list[np.ndarray] = []
     last: np.ndarray | None = None
@@ -79,6 +83,8 @@ def prefill(
             raise Cancelled
         chunk = ids[start : start + engine.max_batch]
         logits = seq.forward(chunk, all_logits=want_prompt_logprobs)
+        if len(chunk) == engine.max_batch and seq.exact_prefix == start:
+            seq.exact_prefix = start + len(chunk)
         if want_prompt_logprobs:
             rows.append(log_softmax(logits))
         last = logits[-1]

@@ -107,6 +107,7 @@ class Server:
         m, name = self.metrics, rt.name
         m.prompt_tokens.labels(name).inc(len(prompt_ids))
         last_token_at: float | None = None
+        finished = False
         try:
             while True:
                 item = await queue.get()
@@ -125,11 +126,15 @@ class Server:
                     last_token_at = now
                     m.generation_tokens.labels(name).inc(produced)
                 if item.finish_reason is not None:
+                    finished = True
                     m.request_success.labels(name, item.finish_reason).inc()
                     m.e2e.labels(name).observe(time.perf_counter() - t_arrival)
                 yield item
         finally:
             cancel.set()
+            if not finished:  # the client went away (or the worker failed) before the end
+                m.request_success.labels(name, "abort").inc()
+                m.e2e.labels(name).observe(time.perf_counter() - t_arrival)
 
     async def _run_all(
         self, rt: ProfileRuntime, prompts: list[list[int]], params: SamplingParams, prompt_logprobs: int | None,

@@ -17,6 +17,8 @@ class Sequence(ABC):
     """One generation slot: a KV cache and the tokens it holds."""
 
     tokens: list[int]
+    # Leading tokens whose KV was computed by whole, aligned prefill chunks (see generation.prefill).
+    exact_prefix: int = 0
 
     @abstractmethod
     def forward(self, ids: Seq[int], *, all_logits: bool) -> np.ndarray:
@@ -25,9 +27,16 @@ class Sequence(ABC):
         Returns float32 logits of shape [len(ids), vocab] if `all_logits`, else [1, vocab] for the last.
         """
 
-    @abstractmethod
     def truncate(self, n: int) -> None:
         """Keep only the first `n` cached tokens (prefix reuse across requests)."""
+        if n < len(self.tokens):
+            self._drop_from(n)
+            del self.tokens[n:]
+        self.exact_prefix = min(self.exact_prefix, n)
+
+    @abstractmethod
+    def _drop_from(self, n: int) -> None:
+        """Remove cached positions n.. from the KV cache."""
 
     def reset(self) -> None:
         self.truncate(0)

@@ -19,6 +19,7 @@ from shrinkserve.server.engines.base import Engine, Sequence
 
 class LlamaCppSequence(Sequence):
     def __init__(self, engine: LlamaCppEngine) -> None:
+        import llama_cpp
         from llama_cpp import _internals, llama_context_default_params
 
         params = llama_context_default_params()
@@ -28,6 +29,10 @@ class LlamaCppSequence(Sequence):
         params.n_threads = engine.threads
         params.n_threads_batch = engine.threads
         params.no_perf = True
+        # "auto" turns flash attention on for CPU, whose f16 accumulation visibly changed greedy output
+        # of this small model (Q8_0 answered a different sentence than llama_cpp.Llama, which disables it).
+        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if engine.flash_attn else (
+            llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
         self._engine = engine
         self._ctx = _internals.LlamaContext(model=engine._model, params=params, verbose=False)
         self._batch = _internals.LlamaBatch(n_tokens=engine.max_batch, embd=0, n_seq_max=1, verbose=False)
@@ -51,14 +56,11 @@ class LlamaCppSequence(Sequence):
         ptr = llama_cpp.llama_get_logits_ith(self._ctx.ctx, -1)
         return np.ctypeslib.as_array(ptr, shape=(1, vocab)).copy()
 
-    def truncate(self, n: int) -> None:
-        if n >= len(self.tokens):
-            return
+    def _drop_from(self, n: int) -> None:
         if n == 0:
             self._ctx.kv_cache_clear()
         else:
             self._ctx.kv_cache_seq_rm(0, n, -1)
-        del self.tokens[n:]
 
     def close(self) -> None:
         self._batch.close()
@@ -68,13 +70,17 @@ class LlamaCppSequence(Sequence):
 class LlamaCppEngine(Engine):
     name = "llamacpp"
 
-    def __init__(self, path: Path, *, threads: int, context_length: int | None = None, max_batch: int = 512) -> None:
+    def __init__(
+        self, path: Path, *, threads: int, context_length: int | None = None, max_batch: int = 512,
+        flash_attn: bool = False,
+    ) -> None:
         import llama_cpp
         from llama_cpp import _internals
 
         quiet_llama_cpp()
         llama_cpp.llama_backend_init()
         self.threads = threads
+        self.flash_attn = flash_attn
         self.max_batch = max_batch
         self._model = _internals.LlamaModel(
             path_model=str(path), params=_internals.LlamaModel.default_params(), verbose=False

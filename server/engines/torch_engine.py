@@ -61,14 +61,11 @@ class TorchSequence(Sequence):
         self.tokens.extend(ids)
         return out.logits[0].float().numpy()
 
-    def truncate(self, n: int) -> None:
-        if n >= len(self.tokens):
-            return
+    def _drop_from(self, n: int) -> None:
         if n == 0:
             self._cache = self._engine._new_cache()
         else:
             self._cache.crop(n - len(self.tokens))  # negative: how many trailing tokens to drop
-        del self.tokens[n:]
 
 
 class TorchEngine(Engine):

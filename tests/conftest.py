@@ -1,0 +1,99 @@
+"""Shared fixtures: a real `shrinkserve serve` process on a free loopback port, on the real model."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SHRINKSERVE = [sys.executable, "-m", "shrinkserve.server.cli"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """`shrinkserve serve` as a subprocess; stopped (and its log shown on failure) by the fixture."""
+
+    def __init__(self, config: dict, cache_dir: Path, log_path: Path, env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.config_path = log_path.with_suffix(".yaml")
+        self.config_path.write_text(yaml.safe_dump(config))
+        self.log_path = log_path
+        full_env = {**os.environ, "SHRINKSERVE_CACHE_DIR": str(cache_dir), **(env or {})}
+        self._log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [*SHRINKSERVE, "serve", "--host", "127.0.0.1", "--port", str(self.port), "--config", str(self.config_path)],
+            stdout=self._log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True,
+        )
+
+    def wait_ready(self, timeout: float = 600, path: str = "/ready") -> httpx.Response:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                r = httpx.get(self.url + path, timeout=5)
+                if r.status_code == 200:
+                    return r
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"server not ready after {timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text()[-8000:]
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One artifact cache for the session: the base is materialized once, then every server reuses it."""
+    return tmp_path_factory.mktemp("cache")
+
+
+MAIN_CONFIG = {
+    "profiles": {
+        "base": {"method": "gguf:f16"},
+        "q8_0": {"method": "gguf:q8_0"},
+        "q4_k_m": {"method": "gguf:q4_k_m", "max_concurrency": 1, "max_queue": 0},
+        "base-torch": {"method": "hf", "dtype": "float32"},
+        "q4_0-lazy": {"method": "gguf:q4_0", "load": "lazy"},
+    },
+    "routes": {"/q4": "q4_k_m", "/q8": "q8_0"},
+}
+
+
+@pytest.fixture(scope="session")
+def server(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    proc = ServerProcess(MAIN_CONFIG, cache_dir, tmp_path_factory.mktemp("logs") / "server.log")
+    try:
+        proc.wait_ready()
+        yield proc
+    finally:
+        code = proc.stop()
+        assert code in (0, -signal.SIGTERM), f"server exited with {code} (a crash?):\n{proc.log()}"
