@@ -12,6 +12,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
@@ -103,5 +104,14 @@ def load_settings(config: str | Path | None = None, **overrides: Any) -> Setting
     path = Path(config or os.environ.get("SHRINKSERVE_CONFIG") or default_config_path()).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
+    # pydantic-settings would let a YAML syntax error escape as a traceback and turn a non-mapping
+    # document into a cryptic "dictionary update sequence" error; say what is wrong with the file instead.
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ValueError(f"config file {path} is not valid YAML: {exc}") from exc
+    if data is not None and not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a YAML mapping (bases:, profiles:, routes:, ...), "
+                         f"not a {type(data).__name__}")
     bound = type("BoundSettings", (Settings,), {"model_config": {**Settings.model_config, "yaml_file": path}})
     return bound(**overrides)

@@ -1,0 +1,40 @@
+"""`shrinkserve bench` as a user runs it: a subprocess load-testing the live session server."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from tests.conftest import SHRINKSERVE, ServerProcess
+
+
+@pytest.mark.parametrize("api", ["chat", "completions"])
+def test_bench_against_live_server(server: ServerProcess, api: str) -> None:
+    r = subprocess.run(
+        [*SHRINKSERVE, "bench", "--base-url", server.url + "/v1", "--model", "q8_0", "--requests", "2",
+         "--concurrency", "1", "--max-tokens", "16", "--api", api, "--json"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    result = json.loads(r.stdout)
+    assert result["api"] == api
+    assert result["requests"] == 2 and result["requests_ok"] == 2 and result["requests_failed"] == 0
+    assert result["errors"] == []
+    assert 0 < result["total_output_tokens"] <= 2 * 16
+    assert result["usage_reported"] is True  # the server's usage chunk was seen on every request
+    assert result["ttft_p50_s"] > 0 and result["ttft_p95_s"] >= result["ttft_p50_s"]
+    assert result["wall_time_s"] > 0 and result["aggregate_tps"] > 0
+
+
+def test_bench_reports_failures_with_exit_code_1(server: ServerProcess) -> None:
+    r = subprocess.run(
+        [*SHRINKSERVE, "bench", "--base-url", server.url + "/v1", "--model", "no-such-model", "--requests", "2",
+         "--warmup", "0", "--max-tokens", "4", "--json"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    result = json.loads(r.stdout)
+    assert result["requests_ok"] == 0 and result["requests_failed"] == 2
+    assert any("404" in e for e in result["errors"]), result["errors"]
