@@ -137,10 +137,9 @@ def shrinkserve_argv(gguf: Path, threads: int, port: int, workdir: Path) -> list
 
 
 def server_env() -> dict[str, str]:
-    env = os.environ.copy()
-    # Busy-waiting OpenMP threads would steal the 2 cores from the HTTP loop and the other pool.
-    env["OMP_WAIT_POLICY"] = "PASSIVE"
-    return env
+    # Both servers get the caller's environment unchanged: OMP_WAIT_POLICY in particular changes
+    # llama.cpp's decode speed 3x (PASSIVE is slow there), so it must be the same for both.
+    return os.environ.copy()
 
 
 def log_tail(log_path: Path, lines: int = 40) -> str:
@@ -151,13 +150,18 @@ def log_tail(log_path: Path, lines: int = 40) -> str:
 
 
 def wait_ready(base_url: str, proc: subprocess.Popen[bytes], log_path: Path, timeout: float) -> None:
-    """Poll GET /v1/models until it answers 200; fail fast if the server process dies."""
+    """Poll until the server can serve: shrinkserve's /ready (profiles load after the socket opens),
+    else GET /v1/models for llama_cpp.server, which has no /ready. Fail fast if the server process dies."""
+    root = base_url.removesuffix("/v1")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with code {proc.returncode}:\n{log_tail(log_path)}")
         try:
-            if httpx.get(f"{base_url}/models", timeout=5.0).status_code == 200:
+            ready = httpx.get(f"{root}/ready", timeout=5.0)
+            if ready.status_code == 200 or (
+                ready.status_code == 404 and httpx.get(f"{base_url}/models", timeout=5.0).status_code == 200
+            ):
                 return
         except httpx.HTTPError:
             pass  # not listening yet

@@ -11,9 +11,8 @@ from pathlib import Path
 
 
 def _setup_env() -> None:
-    # OpenMP's default spin-waiting made torch 8-20x slower with 2 threads on a busy box; it must be
-    # set before torch (or llama.cpp's OpenMP runtime) starts its thread pool. An explicit value wins.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # OMP_WAIT_POLICY is deliberately left alone (measured, see README "Threads"): PASSIVE helped torch
+    # on a box busy with other work but made llama.cpp's OpenMP decode 3x slower on an idle one.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever fetched from a hub
 

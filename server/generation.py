@@ -62,32 +62,39 @@ def prefill(
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Feed `ids` into `seq`; return (logits after the last id, logprobs for positions 1..n-1 or None).
 
-    Chunks always start at multiples of `engine.max_batch`, and only whole chunks that an earlier
-    prefill computed the same way are reused. Logits depend (in the last bits) on how tokens were
-    batched, so this keeps a request's output independent of what the slot served before: the same
-    request with the same seed gives the same text. Per-position logprobs need every position's
-    logits, so they disable reuse.
+    Logits depend, in their last bits, on how tokens were batched. So a prompt is always cut the same
+    way — chunks of `engine.max_batch` from position 0, the prompt's last token on its own — and cached
+    KV is reused only up to a chunk end that an earlier prefill cut identically. The same request with
+    the same seed then gives the same text whatever the slot served before, and a repeated prompt
+    (or a shared system prompt cut at the same place) costs one decode step. Per-position logprobs
+    need every position's logits, so they disable reuse.
     """
+    n = len(ids)
+    ends = [*range(engine.max_batch, n - 1, engine.max_batch), n - 1, n] if n > 1 else [n]
+    ends = sorted(set(e for e in ends if e > 0))
     keep = 0
     if reuse_prefix and not want_prompt_logprobs:
-        limit = min(seq.exact_prefix, len(ids) - 1)
-        cached = seq.tokens
-        while keep < limit and cached[keep] == ids[keep]:
-            keep += 1
-        keep -= keep % engine.max_batch
+        cached, common = seq.tokens, 0
+        limit = min(len(cached), n - 1)
+        while common < limit and cached[common] == ids[common]:
+            common += 1
+        reusable = set(seq.prefill_ends)
+        keep = max((e for e in ends if e <= common and e in reusable), default=0)
     seq.truncate(keep)
     rows: list[np.ndarray] = []
     last: np.ndarray | None = None
-    for start in range(keep, len(ids), engine.max_batch):
+    start = keep
+    for end in ends:
+        if end <= keep:
+            continue
         if cancel is not None and cancel.is_set():
             raise Cancelled
-        chunk = ids[start : start + engine.max_batch]
-        logits = seq.forward(chunk, all_logits=want_prompt_logprobs)
-        if len(chunk) == engine.max_batch and seq.exact_prefix == start:
-            seq.exact_prefix = start + len(chunk)
+        logits = seq.forward(ids[start:end], all_logits=want_prompt_logprobs)
+        seq.prefill_ends.append(end)
         if want_prompt_logprobs:
             rows.append(log_softmax(logits))
         last = logits[-1]
+        start = end
     assert last is not None
     prompt_lp = np.concatenate(rows)[:-1] if want_prompt_logprobs else None
     return last, prompt_lp

@@ -17,8 +17,8 @@ class Sequence(ABC):
     """One generation slot: a KV cache and the tokens it holds."""
 
     tokens: list[int]
-    # Leading tokens whose KV was computed by whole, aligned prefill chunks (see generation.prefill).
-    exact_prefix: int = 0
+    # Where the prefill that computed the cached positions cut its chunks (see generation.prefill).
+    prefill_ends: list[int]
 
     @abstractmethod
     def forward(self, ids: Seq[int], *, all_logits: bool) -> np.ndarray:
@@ -32,7 +32,7 @@ class Sequence(ABC):
         if n < len(self.tokens):
             self._drop_from(n)
             del self.tokens[n:]
-        self.exact_prefix = min(self.exact_prefix, n)
+        self.prefill_ends = [e for e in self.prefill_ends if e <= n]
 
     @abstractmethod
     def _drop_from(self, n: int) -> None:

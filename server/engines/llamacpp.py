@@ -37,6 +37,7 @@ class LlamaCppSequence(Sequence):
         self._ctx = _internals.LlamaContext(model=engine._model, params=params, verbose=False)
         self._batch = _internals.LlamaBatch(n_tokens=engine.max_batch, embd=0, n_seq_max=1, verbose=False)
         self.tokens: list[int] = []
+        self.prefill_ends: list[int] = []
 
     def forward(self, ids: Seq[int], *, all_logits: bool) -> np.ndarray:
         import llama_cpp

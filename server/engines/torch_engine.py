@@ -43,6 +43,7 @@ class TorchSequence(Sequence):
     def __init__(self, engine: TorchEngine) -> None:
         self._engine = engine
         self.tokens: list[int] = []
+        self.prefill_ends: list[int] = []
         self._cache = engine._new_cache()
 
     def forward(self, ids: Seq[int], *, all_logits: bool) -> np.ndarray:
