@@ -319,21 +319,21 @@ class ArtifactCache:
             if on_event is not None:
                 on_event(event)
 
-        # Unlocked fast path: hits must not queue behind an unrelated long build of the same key.
-        artifact, corrupt = self._lookup(key)
-        if corrupt:
-            emit("corrupt")
-        if artifact is not None:
-            emit("hit")
-            return artifact, True
-
-        with self._acquire(key):
-            # Re-check: another process may have finished the build while we waited for the lock.
+        def verified() -> Artifact | None:
             artifact, corrupt = self._lookup(key)
             if corrupt:
                 emit("corrupt")
             if artifact is not None:
                 emit("hit")
+            return artifact
+
+        # Unlocked fast path: hits must not queue behind an unrelated long build of the same key.
+        if (artifact := verified()) is not None:
+            return artifact, True
+
+        with self._acquire(key):
+            # Re-check: another process may have finished the build while we waited for the lock.
+            if (artifact := verified()) is not None:
                 return artifact, True
             emit("miss")
             return self._build(key, name=name, recipe=recipe, inputs=inputs, tools=tools, build=build), False
