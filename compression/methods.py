@@ -47,12 +47,18 @@ class Method:
         return self.variant == "file"
 
 
+# Weight-only quantization of the HF checkpoint, served by the PyTorch engine through shrinkserve.kernels:
+# int8 (per channel, round to nearest), rtn (4-bit round to nearest, per group), awq and gptq (4-bit), and
+# prequantized (a user's GPTQ/AWQ checkpoint as the base, converted to our format).
+TORCH_QUANT_METHODS = ("int8", "rtn", "awq", "gptq", "prequantized")
+
+
 def parse_method(text: str) -> Method:
-    """`hf`, `gguf:file` or `gguf:<type>` (case-insensitive) → Method; ValueError names the valid ones."""
+    """`hf`, `int8`, `rtn`, `awq`, `gptq`, `gguf:file` or `gguf:<type>` (case-insensitive) → Method."""
     family, _, variant = text.strip().lower().partition(":")
-    if family == "hf" and not variant:
-        return Method("hf", None, ("torch",))
+    if family in ("hf", *TORCH_QUANT_METHODS) and not variant:
+        return Method(family, None, ("torch",))
     if family == "gguf" and (variant == "file" or variant in GGUF_TYPES):
         return Method("gguf", variant, ("llamacpp",))
-    valid = ", ".join(["hf", "gguf:file"] + [f"gguf:{t}" for t in GGUF_TYPES])
+    valid = ", ".join(["hf", *TORCH_QUANT_METHODS, "gguf:file"] + [f"gguf:{t}" for t in GGUF_TYPES])
     raise ValueError(f"unknown method {text!r}; valid: {valid}")

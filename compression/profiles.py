@@ -11,11 +11,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
 from shrinkserve.compression import base_model
 from shrinkserve.compression.base_model import BaseSource, Planned, tool_version
 from shrinkserve.compression.cache import ArtifactCache
 from shrinkserve.compression.gguf import quantize_gguf
-from shrinkserve.compression.methods import parse_method
+from shrinkserve.compression.methods import TORCH_QUANT_METHODS, parse_method
 
 log = logging.getLogger("shrinkserve.profiles")
 
@@ -37,12 +38,29 @@ class BaseSpec(BaseModel):
         return v
 
 
+class CalibrationSpec(BaseModel):
+    """Calibration text for AWQ/GPTQ: the shipped set, or the user's own file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    file: Path | None = Field(default=None, description="UTF-8 text; default: compression/data/calibration.txt")
+    samples: int = Field(default=32, ge=1, le=4096)
+    seq_len: int = Field(default=256, ge=16, le=8192)
+
+    @field_validator("file")
+    @classmethod
+    def _exists(cls, v: Path | None) -> Path | None:
+        if v is not None and not v.expanduser().is_file():
+            raise ValueError(f"calibration file {v} does not exist")
+        return v
+
+
 class ProfileSpec(BaseModel):
     """One deployment profile: a base, a compression method and an engine."""
 
     model_config = ConfigDict(extra="forbid")
 
-    method: str = Field(description="hf | gguf:f16 | gguf:<quant type> | gguf:file")
+    method: str = Field(description="hf | int8 | rtn | awq | gptq | gguf:f16 | gguf:<quant type> | gguf:file")
     base: str | None = None
     engine: Literal["llamacpp", "torch"] | None = None
     load: Literal["eager", "lazy"] = "eager"
@@ -52,6 +70,12 @@ class ProfileSpec(BaseModel):
     context_length: int | None = Field(default=None, ge=16)
     max_concurrency: int = Field(default=1, ge=1, le=64)
     max_queue: int = Field(default=32, ge=0, le=10_000)
+    # 4-bit methods (rtn, awq, gptq): group size along the input dimension and zero-point scheme.
+    group_size: Literal[32, 64, 128] = 64
+    symmetric: bool = False
+    # The tied output projection: quantized in our own path (int8 or 4-bit) or kept dense (None).
+    lm_head_bits: Literal[4, 8] | None = 8
+    calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
 
     @field_validator("method")
     @classmethod
@@ -130,6 +154,15 @@ class ProfileBuilder:
         base = self._base_of(spec)
         if method.family == "hf":
             return None if base.kind == "hf" else base_model.plan_hf_checkpoint(base)
+        if method.family == "prequantized" and base.kind != "hf":
+            raise ValueError(f"profile {name!r}: 'prequantized' needs a GPTQ/AWQ checkpoint directory as its base")
+        if method.family in TORCH_QUANT_METHODS:
+            dense = base.digest if base.kind == "hf" else base_model.plan_hf_checkpoint(base).key
+            recipe = weight_only_recipe(spec)
+            label = f"{recipe['kind']}-w{recipe['bits']}" + (f"g{spec.group_size}" if recipe["bits"] == 4 else "")
+            return Planned(f"{base.name}/{label}", recipe, {"base_hf": dense},
+                           {"torch": tool_version("torch"), "transformers": tool_version("transformers"),
+                            "quant_format": "1"})
         f16 = base_model.plan_f16_gguf(base)
         if method.variant == "f16":
             return f16
@@ -151,7 +184,7 @@ class ProfileBuilder:
         art = self.cache.lookup(plan.key)
         if art is None:
             return {**row, "key": plan.key}
-        path = art.path if parse_method(spec.method).family == "hf" else art.file(_gguf_name(spec))
+        path = art.path if parse_method(spec.method).family != "gguf" else art.file(_gguf_name(spec))
         return {**row, "state": "cached", "path": str(path), "bytes": _dir_bytes(path), "key": plan.key,
                 "built_at": art.manifest.get("built_at")}
 
@@ -180,6 +213,18 @@ class ProfileBuilder:
                 assert art is not None
                 return BuiltProfile(name, method.canonical, engine, path, _dir_bytes(path), hit,
                                     time.perf_counter() - started, art.key, art.manifest)
+            if method.family in TORCH_QUANT_METHODS:
+                dense_dir = base.path if base.kind == "hf" else base_model.hf_checkpoint(self.cache, base)[0]
+                plan = self._plan(name)
+                assert plan is not None
+
+                def build_quantized(out: Path) -> dict[str, Any]:
+                    log.info("quantizing %s with %s", dense_dir, plan.recipe)
+                    return quantize_weight_only(dense_dir, out, spec)
+
+                art, hit = plan.get_or_build(self.cache, build_quantized, on_event)
+                return BuiltProfile(name, method.canonical, engine, art.path, art.bytes, hit,
+                                    time.perf_counter() - started, art.key, art.manifest)
             f16_path, f16_art, f16_hit = base_model.f16_gguf(self.cache, base, self.threads,
                                                              on_event if method.variant == "f16" else None)
             if method.variant == "f16":
@@ -198,6 +243,43 @@ class ProfileBuilder:
             file = art.file(filename)
             return BuiltProfile(name, method.canonical, engine, file, file.stat().st_size, hit,
                                 time.perf_counter() - started, art.key, art.manifest)
+
+
+def weight_only_recipe(spec: ProfileSpec) -> dict[str, Any]:
+    """Everything that changes a weight-only artifact, for its cache key and manifest."""
+    from shrinkserve.compression.base_model import hash_path
+
+    family = parse_method(spec.method).family
+    if family == "prequantized":  # everything is decided by the source checkpoint, which is in the key
+        return {"kind": family, "bits": 4}
+    bits = 8 if family == "int8" else 4
+    recipe: dict[str, Any] = {"kind": family, "bits": bits, "lm_head_bits": spec.lm_head_bits}
+    if bits == 4:
+        recipe.update(group_size=spec.group_size, symmetric=spec.symmetric)
+    if family in ("awq", "gptq"):
+        from shrinkserve.compression.calibration import calibration_file
+
+        cal = spec.calibration
+        recipe["calibration"] = {"sha256": hash_path(calibration_file(cal.file)), "samples": cal.samples,
+                                 "seq_len": cal.seq_len}
+    return recipe
+
+
+def quantize_weight_only(dense_dir: Path, out: Path, spec: ProfileSpec) -> dict[str, Any]:
+    family = parse_method(spec.method).family
+    if family in ("int8", "rtn"):
+        from shrinkserve.compression.rtn import quantize_rtn
+
+        bits = 8 if family == "int8" else 4
+        return quantize_rtn(dense_dir, out, bits=bits, group_size=spec.group_size, symmetric=spec.symmetric,
+                            lm_head_bits=spec.lm_head_bits)
+    if family == "prequantized":
+        from shrinkserve.compression.prequantized import import_prequantized
+
+        return import_prequantized(dense_dir, out)
+    from shrinkserve.compression.awq_gptq import quantize_with_library
+
+    return quantize_with_library(family, dense_dir, out, spec)
 
 
 def _gguf_name(spec: ProfileSpec) -> str:

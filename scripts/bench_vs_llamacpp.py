@@ -31,6 +31,7 @@ from typing import Any
 
 import httpx
 import yaml
+
 from shrinkserve.server.bench import BenchResult, default_prompt, format_result, run_bench
 
 HOST = "127.0.0.1"

@@ -12,6 +12,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
 from shrinkserve.server import protocol as P
 from shrinkserve.server.chat import render_chat
 from shrinkserve.server.errors import APIError, install_handlers

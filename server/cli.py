@@ -25,6 +25,7 @@ def _settings(args: argparse.Namespace, **overrides: object):
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
+
     from shrinkserve.server.app import create_app
 
     settings = _settings(args, host=args.host, port=args.port)
@@ -36,9 +37,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
     from shrinkserve.compression.cache import ArtifactCache
     from shrinkserve.compression.profiles import ProfileBuilder
-    from tqdm import tqdm
 
     settings = _settings(args)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

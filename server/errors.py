@@ -5,8 +5,9 @@ from __future__ import annotations
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from shrinkserve.server.protocol import ErrorBody, ErrorResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from shrinkserve.server.protocol import ErrorBody, ErrorResponse
 
 _TYPES = {
     400: "invalid_request_error",

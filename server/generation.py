@@ -11,6 +11,7 @@ from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 
 import numpy as np
+
 from shrinkserve.server.engines.base import Engine, Sequence
 from shrinkserve.server.sampling import Sampler, SamplingParams, log_softmax, top_k
 

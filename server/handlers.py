@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
+
 from shrinkserve.server import protocol as P
 from shrinkserve.server.chat import render_chat
 from shrinkserve.server.engines.base import Engine, Sequence

@@ -6,6 +6,7 @@ import asyncio
 
 import httpx
 import pytest
+
 from shrinkserve.server import bench
 
 # Shape of a llama_cpp.server / OpenAI chat stream with include_usage, CRLF line ends and a keep-alive.

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from shrinkserve.compression.cache import Artifact, ArtifactCache, cache_key, hash_path
 
 INPUTS = {"base_weights": "a" * 64}

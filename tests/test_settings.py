@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 from pydantic import ValidationError
-from shrinkserve.server.settings import default_config_path, load_settings
 
+from shrinkserve.server.settings import default_config_path, load_settings
 from tests.conftest import SHRINKSERVE
 
 

@@ -13,6 +13,7 @@ from collections.abc import Sequence as Seq
 from pathlib import Path
 
 import numpy as np
+
 from shrinkserve.compression.gguf import quiet_llama_cpp
 from shrinkserve.server.engines.base import Engine, Sequence
 

@@ -7,6 +7,7 @@ from collections.abc import Sequence as Seq
 from pathlib import Path
 
 import numpy as np
+
 from shrinkserve.server.engines.base import Engine, Sequence
 
 
@@ -86,8 +87,15 @@ class TorchEngine(Engine):
 
         torch.set_num_threads(threads)
         self.max_batch = max_batch
+        from shrinkserve.compression.quant_format import is_quantized_checkpoint
+
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+        if is_quantized_checkpoint(path):
+            from shrinkserve.server.engines.torch_quant import load_quantized_model
+
+            self.model = load_quantized_model(path, getattr(torch, dtype))
+        else:
+            self.model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
         self.model.eval()
         cfg = self.model.config
         train_ctx = int(getattr(cfg, "max_position_embeddings", 2048))

@@ -1,0 +1,22 @@
+"""Calibration text for AWQ/GPTQ: the shipped set (disjoint from the evaluation text) or the user's file."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+
+def calibration_file(path: Path | None = None) -> Path:
+    if path is not None:
+        return path.expanduser()
+    return Path(str(resources.files("shrinkserve.compression").joinpath("data/calibration.txt")))
+
+
+def calibration_samples(tokenizer: object, path: Path | None, samples: int, seq_len: int) -> list[list[int]]:
+    """Up to `samples` windows of `seq_len` tokens cut from the text, in order (deterministic)."""
+    text = calibration_file(path).read_text(encoding="utf-8")
+    ids: list[int] = tokenizer(text, add_special_tokens=False)["input_ids"]  # type: ignore[operator]
+    if len(ids) < seq_len:
+        raise ValueError(f"calibration text has {len(ids)} tokens, fewer than seq_len={seq_len}")
+    windows = [ids[i : i + seq_len] for i in range(0, len(ids) - seq_len + 1, seq_len)]
+    return windows[:samples]

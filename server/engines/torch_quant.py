@@ -1,0 +1,46 @@
+"""Loading shrinkserve's weight-only quantized checkpoints: dense parts into the HF model, quantized
+linears swapped for the CPU kernels of shrinkserve.kernels."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from shrinkserve.compression.quant_format import QuantizedLinear, load_quantized_checkpoint
+
+
+def _kernel_module(ql: QuantizedLinear, bias: torch.Tensor | None) -> torch.nn.Module:
+    from shrinkserve.kernels import Int4Linear, Int8Linear
+
+    if ql.bits == 8:
+        return Int8Linear.from_quantized(ql.codes, ql.scales, bias=bias)
+    assert ql.zeros is not None and ql.group_size is not None
+    return Int4Linear.from_quantized(ql.codes, ql.scales, ql.zeros, ql.group_size, bias=bias)
+
+
+def load_quantized_model(path: Path, dtype: torch.dtype) -> torch.nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    _, dense, quantized = load_quantized_checkpoint(path)
+    config = AutoConfig.from_pretrained(path)
+    if "lm_head" in quantized:
+        # The output projection gets its own quantized weights; the embedding stays dense.
+        config.tie_word_embeddings = False
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in dense.items()}
+    result = model.load_state_dict(state, strict=False)
+    expected_missing = {f"{name}.weight" for name in quantized}
+    if unexpected := set(result.unexpected_keys):
+        raise ValueError(f"{path}: tensors the model does not have: {sorted(unexpected)[:5]}")
+    if missing := set(result.missing_keys) - expected_missing - ({"lm_head.weight"} if config.tie_word_embeddings
+                                                                  else set()):
+        raise ValueError(f"{path}: weights missing from the checkpoint: {sorted(missing)[:5]}")
+    for name, ql in quantized.items():
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        bias = state.get(f"{name}.bias")
+        setattr(parent, attr, _kernel_module(ql, bias))
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    return model.eval()
