@@ -83,6 +83,10 @@ MAIN_CONFIG = {
         "q4_k_m": {"method": "gguf:q4_k_m", "max_concurrency": 1, "max_queue": 0},
         "base-torch": {"method": "hf", "dtype": "float32"},
         "q4_0-lazy": {"method": "gguf:q4_0", "load": "lazy"},
+        # Weight-only profiles on the PyTorch engine through shrinkserve.kernels, built on first use.
+        "int8": {"method": "int8", "load": "lazy", "dtype": "bfloat16"},
+        "rtn-g64": {"method": "rtn", "group_size": 64, "lm_head_bits": 8, "load": "lazy"},
+        "rtn-g32-sym": {"method": "rtn", "group_size": 32, "symmetric": True, "lm_head_bits": None, "load": "lazy"},
     },
     "routes": {"/q4": "q4_k_m", "/q8": "q8_0"},
 }

@@ -150,7 +150,7 @@ def test_routes_serve_their_profile_whatever_the_model_field(server: ServerProce
 
 def test_models_list_profiles_with_sizes_and_memory(client: OpenAI, server: ServerProcess) -> None:
     cards = {m["id"]: m for m in httpx.get(server.url + "/v1/models").json()["data"]}
-    assert set(cards) == {*DEFAULT_PROFILES, "q4_0-lazy"}
+    assert {*DEFAULT_PROFILES, "q4_0-lazy"} <= set(cards)
     for name in DEFAULT_PROFILES:
         assert cards[name]["state"] == "ready"
         assert cards[name]["bytes_on_disk"] > 50e6

@@ -1,0 +1,75 @@
+"""Weight-only quantized profiles (int8, 4-bit RTN) of the default model on the PyTorch engine."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import httpx
+import pytest
+
+from shrinkserve.compression.evaluate import heldout_file
+from tests.conftest import ServerProcess
+
+WEIGHT_ONLY = ["int8", "rtn-g64", "rtn-g32-sym"]
+
+
+def http_perplexity(server: ServerProcess, profile: str, max_tokens: int = 1024, window: int = 512) -> float:
+    """Perplexity of the held-out text's first `max_tokens` tokens, from echo logprobs over real HTTP."""
+    ids = httpx.post(server.url + "/tokenize", json={"model": profile, "prompt": heldout_file().read_text(),
+                                                     "add_special_tokens": False}, timeout=60).json()["tokens"]
+    ids = ids[:max_tokens]
+    nll, count = 0.0, 0
+    for start in range(0, len(ids), window):
+        chunk = ids[start : start + window]
+        r = httpx.post(server.url + "/v1/completions", timeout=300,
+                       json={"model": profile, "prompt": chunk, "max_tokens": 0, "echo": True, "logprobs": 0})
+        r.raise_for_status()
+        lps = r.json()["choices"][0]["logprobs"]["token_logprobs"][1:]
+        nll -= sum(lps)
+        count += len(lps)
+    return math.exp(nll / count)
+
+
+@pytest.fixture(scope="module")
+def perplexities(server: ServerProcess) -> dict[str, float]:
+    return {p: http_perplexity(server, p) for p in ["base-torch", *WEIGHT_ONLY]}
+
+
+@pytest.mark.parametrize("profile", WEIGHT_ONLY)
+def test_weight_only_profile_builds_and_chats(server: ServerProcess, profile: str) -> None:
+    r = httpx.post(server.url + "/v1/chat/completions", timeout=600,
+                   json={"model": profile, "messages": [{"role": "user", "content": "What is the capital of France?"}],
+                         "max_tokens": 16, "temperature": 0})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"].strip()
+    card = httpx.get(server.url + f"/v1/models/{profile}").json()
+    assert card["state"] == "ready" and card["engine"] == "torch"
+
+
+def test_artifacts_are_smaller_than_the_dense_checkpoint(server: ServerProcess) -> None:
+    for p in WEIGHT_ONLY:
+        httpx.post(server.url + "/v1/completions", json={"model": p, "prompt": "Hi", "max_tokens": 1}, timeout=600)
+    cards = {m["id"]: m for m in httpx.get(server.url + "/v1/models").json()["data"]}
+    dense_bf16 = cards["base-torch"]["bytes_on_disk"] / 2  # the base checkpoint is float32 on disk
+    assert cards["int8"]["bytes_on_disk"] < 0.7 * dense_bf16
+    assert cards["rtn-g64"]["bytes_on_disk"] < cards["int8"]["bytes_on_disk"]
+    # Keeping the tied lm_head dense costs: the g32 profile without it is not the smallest.
+    assert cards["rtn-g32-sym"]["bytes_on_disk"] > cards["rtn-g64"]["bytes_on_disk"]
+
+
+def test_quality_ordering_on_heldout_text(perplexities: dict[str, float]) -> None:
+    base = perplexities["base-torch"]
+    assert 5 < base < 60, perplexities
+    assert perplexities["int8"] < base * 1.03, perplexities  # int8 weight-only is nearly lossless
+    for p in ("rtn-g64", "rtn-g32-sym"):
+        assert base < perplexities[p] < base * 2.0, perplexities
+
+
+def test_quantized_manifest_records_the_recipe(server: ServerProcess, cache_dir: Path) -> None:
+    manifests = [json.loads(m.read_text()) for m in cache_dir.glob("artifacts/*/manifest.json")]
+    rtn = [m for m in manifests if m["recipe"].get("kind") == "rtn" and m["recipe"].get("group_size") == 64]
+    assert rtn, [m["name"] for m in manifests]
+    assert rtn[0]["recipe"]["lm_head_bits"] == 8 and rtn[0]["recipe"]["symmetric"] is False
+    assert "shrinkserve_quant.json" in rtn[0]["files"]
