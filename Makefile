@@ -21,6 +21,10 @@ $(STAMP): pyproject.toml
 	# torch first, pinned: 2.13.0 is the CPU wheel on disk; anything looser pulls a multi-GB CUDA build.
 	$(BIN)/pip install torch==2.13.0
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/pip install -e '.[test]'
+	# llm-compressor (AWQ/GPTQ) pins transformers<=5.17 but works with ours: install it without its deps,
+	# then the few it imports, so pip cannot downgrade transformers or pull another torch.
+	$(BIN)/pip install --no-deps llmcompressor==0.14.0.1 compressed-tensors==0.19.0 auto-round==0.15.1
+	$(BIN)/pip install loguru 'datasets>=4.8.4' nvidia-ml-py pillow psutil py-cpuinfo
 	touch $@
 
 serve: setup

@@ -87,6 +87,13 @@ MAIN_CONFIG = {
         "int8": {"method": "int8", "load": "lazy", "dtype": "bfloat16"},
         "rtn-g64": {"method": "rtn", "group_size": 64, "lm_head_bits": 8, "load": "lazy"},
         "rtn-g32-sym": {"method": "rtn", "group_size": 32, "symmetric": True, "lm_head_bits": None, "load": "lazy"},
+        # AWQ/GPTQ through llm-compressor: minutes each on 2 cores, so a small calibration set. The
+        # lm_head stays dense here, so they compare with rtn-g64-dense-head at the same group size.
+        "gptq-g64": {"method": "gptq", "group_size": 64, "lm_head_bits": None, "load": "lazy",
+                     "calibration": {"samples": 16, "seq_len": 256}},
+        "awq-g64": {"method": "awq", "group_size": 64, "lm_head_bits": None, "load": "lazy",
+                    "calibration": {"samples": 16, "seq_len": 256}},
+        "rtn-g64-dense-head": {"method": "rtn", "group_size": 64, "lm_head_bits": None, "load": "lazy"},
     },
     "routes": {"/q4": "q4_k_m", "/q8": "q8_0"},
 }

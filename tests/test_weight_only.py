@@ -73,3 +73,51 @@ def test_quantized_manifest_records_the_recipe(server: ServerProcess, cache_dir:
     assert rtn, [m["name"] for m in manifests]
     assert rtn[0]["recipe"]["lm_head_bits"] == 8 and rtn[0]["recipe"]["symmetric"] is False
     assert "shrinkserve_quant.json" in rtn[0]["files"]
+
+
+# ------------------------------------------------------------------ AWQ / GPTQ (llm-compressor)
+
+LIBRARY = ["gptq-g64", "awq-g64"]
+
+
+@pytest.fixture(scope="module")
+def library_perplexities(server: ServerProcess) -> dict[str, float]:
+    return {p: http_perplexity(server, p) for p in ["base-torch", "rtn-g64-dense-head", *LIBRARY]}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("profile", LIBRARY)
+def test_library_profile_builds_and_chats(server: ServerProcess, profile: str) -> None:
+    r = httpx.post(server.url + "/v1/chat/completions", timeout=1800,
+                   json={"model": profile, "messages": [{"role": "user", "content": "What is the capital of France?"}],
+                         "max_tokens": 16, "temperature": 0})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"].strip()
+
+
+@pytest.mark.slow
+def test_awq_and_gptq_beat_round_to_nearest(library_perplexities: dict[str, float]) -> None:
+    """The point of AWQ/GPTQ: at the same group size (64) and with the same dense lm_head, they must not be
+    worse than plain round-to-nearest, and they stay within 30% of the base's perplexity."""
+    p = library_perplexities
+    for method in LIBRARY:
+        assert p[method] <= p["rtn-g64-dense-head"], p
+        assert p[method] < p["base-torch"] * 1.3, p
+
+
+@pytest.mark.slow
+def test_library_artifacts_reload_from_the_cache(server: ServerProcess, cache_dir: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    for p in LIBRARY:  # built by the tests above (or now, if run alone)
+        httpx.post(server.url + "/v1/completions", json={"model": p, "prompt": "Hi", "max_tokens": 1}, timeout=1800)
+    out = subprocess.run(
+        [sys.executable, "-m", "shrinkserve.server.cli", "compress", "--config", str(server.config_path),
+         *[arg for p in LIBRARY for arg in ("--profile", p)]],
+        env={**os.environ, "SHRINKSERVE_CACHE_DIR": str(cache_dir)}, capture_output=True, text=True, timeout=600,
+    )
+    assert out.returncode == 0, out.stderr
+    lines = [line for line in out.stdout.splitlines() if line.split(" ")[0] in LIBRARY]
+    assert len(lines) == 2 and all("cache hit" in line for line in lines), out.stdout
