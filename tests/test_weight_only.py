@@ -53,10 +53,13 @@ def test_artifacts_are_smaller_than_the_dense_checkpoint(server: ServerProcess) 
         httpx.post(server.url + "/v1/completions", json={"model": p, "prompt": "Hi", "max_tokens": 1}, timeout=600)
     cards = {m["id"]: m for m in httpx.get(server.url + "/v1/models").json()["data"]}
     dense_bf16 = cards["base-torch"]["bytes_on_disk"] / 2  # the base checkpoint is float32 on disk
-    assert cards["int8"]["bytes_on_disk"] < 0.7 * dense_bf16
+    # int8 linears are half of bf16, but the bf16 embedding stays and the int8 lm_head is an extra copy
+    # (the dense model ties them): 0.72 of the bf16 size for SmolLM2.
+    assert cards["int8"]["bytes_on_disk"] < 0.75 * dense_bf16
     assert cards["rtn-g64"]["bytes_on_disk"] < cards["int8"]["bytes_on_disk"]
-    # Keeping the tied lm_head dense costs: the g32 profile without it is not the smallest.
-    assert cards["rtn-g32-sym"]["bytes_on_disk"] > cards["rtn-g64"]["bytes_on_disk"]
+    # With tied embeddings a dense lm_head is free on disk (it is the embedding), while a quantized
+    # lm_head is an extra copy: the g32 profile that keeps it dense is the smaller one.
+    assert cards["rtn-g32-sym"]["bytes_on_disk"] < cards["rtn-g64"]["bytes_on_disk"]
 
 
 def test_quality_ordering_on_heldout_text(perplexities: dict[str, float]) -> None:
