@@ -42,7 +42,6 @@ LAYER_LINEARS = {
 }
 LM_HEAD = (49152, 576)
 NUM_LAYERS = 30
-KERNELS = ("bf16", "int8", "int4-g32", "int4-g64")
 
 Fn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -62,6 +61,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=20, help="untimed calls first")
     p.add_argument("--rotate-mb", type=float, default=256.0, help="weight copies per kernel to defeat caches")
     p.add_argument("--hot", action="store_true", help="reuse one weight copy (cache-resident timings)")
+    p.add_argument("--fp32", action="store_true", help="also time float32 F.linear (this CPU lacks AVX512-BF16)")
     p.add_argument("--bw-mb", type=int, default=512, help="size of the streaming-copy bandwidth probe")
     return p.parse_args()
 
@@ -79,21 +79,20 @@ def measure_copy_bandwidth(megabytes: int, repeats: int = 7) -> float:
     return 2 * n * 4 / best
 
 
-def other_cpu_load(seconds: float = 1.0) -> float:
-    """Cores' worth of CPU time used by other processes over ``seconds`` while this one sleeps (Linux /proc/stat)."""
+def cpu_sample() -> tuple[float, float, float]:
+    """(busy seconds of all cores, this process's CPU seconds, wall seconds) from /proc/stat and the OS."""
+    tick = os.sysconf("SC_CLK_TCK")
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    busy = (sum(fields) - fields[3] - fields[4]) / tick  # minus idle and iowait
+    return busy, time.process_time(), time.monotonic()
 
-    def sample() -> tuple[int, int]:
-        with open("/proc/stat") as f:
-            fields = [int(v) for v in f.readline().split()[1:]]
-        return sum(fields), fields[3] + fields[4]  # total, idle + iowait
 
-    try:
-        total0, idle0 = sample()
-        time.sleep(seconds)
-        total1, idle1 = sample()
-    except OSError:
-        return float("nan")
-    return (1 - (idle1 - idle0) / max(total1 - total0, 1)) * (os.cpu_count() or 1)
+def other_cpu_load(since: tuple[float, float, float]) -> float:
+    """Average cores' worth of CPU used by *other* processes since ``since`` (a cpu_sample())."""
+    busy0, own0, wall0 = since
+    busy1, own1, wall1 = cpu_sample()
+    return max(0.0, ((busy1 - busy0) - (own1 - own0)) / max(wall1 - wall0, 1e-9))
 
 
 def n_copies(weight_bytes: int, args: argparse.Namespace) -> int:
@@ -107,6 +106,11 @@ def build_kernels(n: int, k: int, args: argparse.Namespace) -> dict[str, tuple[l
     bf16_bytes = w.numel() * w.element_size()
     weights = [w.clone() for _ in range(n_copies(bf16_bytes, args))]
     out["bf16"] = ([lambda x, w=wc: F.linear(x, w) for wc in weights], bf16_bytes)
+    if args.fp32:
+        fp32_bytes = 2 * bf16_bytes
+        weights32 = [w.float() for _ in range(n_copies(fp32_bytes, args))]
+        # The bf16 -> fp32 cast of x is part of what an fp32 model would not pay, so it is kept out.
+        out["fp32"] = ([lambda x, w=wc: F.linear(x, w) for wc in weights32], fp32_bytes)
 
     w32 = w.float()
     q8, s8 = quantize_int8_per_channel(w32)
@@ -123,15 +127,15 @@ def build_kernels(n: int, k: int, args: argparse.Namespace) -> dict[str, tuple[l
 
 @torch.inference_mode()
 def time_interleaved(
-    fns: dict[str, tuple[list[Fn], int]], x: torch.Tensor, args: argparse.Namespace
+    fns: dict[str, tuple[list[Fn], int]], x: torch.Tensor, args: argparse.Namespace, x32: torch.Tensor
 ) -> dict[str, Result]:
     """Median (and best) seconds per call; kernels alternate call by call so background load hits all alike."""
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for i in range(args.warmup + args.runs):
         for name, (copies, _) in fns.items():
-            f = copies[i % len(copies)]
+            f, xi = copies[i % len(copies)], x32 if name == "fp32" else x
             t0 = time.perf_counter()
-            f(x)
+            f(xi)
             dt = time.perf_counter() - t0
             if i >= args.warmup:
                 samples[name].append(dt)
@@ -148,8 +152,10 @@ def print_header(bandwidth: float, args: argparse.Namespace) -> None:
     print(f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
           f"{platform.processor() or platform.machine()}, threads={torch.get_num_threads()}, "
           f"OpenMP env: {omp or 'none set'}")
-    busy = other_cpu_load()
-    print(f"CPU busy before start (other processes), in cores: {busy:.2f} of {os.cpu_count()}")
+    start = cpu_sample()
+    time.sleep(1.0)
+    busy = other_cpu_load(start)
+    print(f"CPU used by other processes just before start: {busy:.2f} of {os.cpu_count()} cores")
     if busy > 0.2:
         print("WARNING: other processes are using the CPU; with 2 threads an OpenMP barrier waiting on a"
               " descheduled thread inflates medians by whole scheduler slices (ms). Compare the 'best' column.")
@@ -176,7 +182,7 @@ def print_summary(table: dict[tuple[int, int, int], dict[str, Result]], batches:
           f"{f'model ({NUM_LAYERS}L+head) ms':>24}")
     for b in batches:
         totals = {}
-        for name in KERNELS:
+        for name in table[(*LM_HEAD, b)]:
             layer = sum(table[(n, k, b)][name].seconds for n, k in LAYER_LINEARS.values())
             head = table[(*LM_HEAD, b)][name].seconds
             totals[name] = (layer, head)
@@ -192,16 +198,20 @@ def main() -> None:
     torch.manual_seed(0)
     bandwidth = measure_copy_bandwidth(args.bw_mb)
     print_header(bandwidth, args)
+    run_start = cpu_sample()
     table: dict[tuple[int, int, int], dict[str, Result]] = {}
     for n, k in dict.fromkeys([*LAYER_LINEARS.values(), LM_HEAD]):  # unique shapes, model order
         fns = build_kernels(n, k, args)
         for b in args.batch:
             x = torch.randn(b, k).to(torch.bfloat16)
-            table[(n, k, b)] = results = time_interleaved(fns, x, args)
+            table[(n, k, b)] = results = time_interleaved(fns, x, args, x.float())
             print_rows(shape_label(n, k), b, results, bandwidth)
         del fns
     print_summary(table, args.batch)
-    print(f"\nmemory bandwidth re-measured at end: {measure_copy_bandwidth(args.bw_mb) / 1e9:.1f} GB/s")
+    other = other_cpu_load(run_start)
+    print(f"\nCPU used by other processes during the timings: {other:.2f} cores on average"
+          f"{' -- timings are inflated; re-run on an idle machine' if other > 0.2 else ''}")
+    print(f"memory bandwidth re-measured at end: {measure_copy_bandwidth(args.bw_mb) / 1e9:.1f} GB/s")
 
 
 if __name__ == "__main__":

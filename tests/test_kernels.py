@@ -28,7 +28,7 @@ scales) must exceed them.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -56,6 +56,16 @@ INT8_SHAPES = [*MODEL_SHAPES, (37, 100), (17, 33)]
 LEADING_SHAPES = [(1,), (2,), (7,), (16,), (64,), (2, 5)]
 
 INT4_CASES = [(n, k, g) for n, k in INT4_SHAPES for g in (32, 64, 128) if k % g == 0]
+
+
+@pytest.fixture(autouse=True)
+def single_thread() -> Iterator[None]:
+    """Run these tests on one thread: results don't depend on it (checked bitwise below), and with two
+    OpenMP threads every op stalls for whole scheduler slices whenever other processes busy the cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def gamma(n: int) -> float:
@@ -272,6 +282,18 @@ def test_int8_rejects_bad_input_and_counts_bytes() -> None:
         Int8Linear.from_quantized(torch.zeros(4, 16, dtype=torch.int8), torch.ones(5))
     mod = Int8Linear.from_quantized(torch.zeros(576, 1536, dtype=torch.int8), torch.ones(576))
     assert mod.weight_bytes() == 576 * 1536 + 576 * 2
+
+
+def test_results_do_not_depend_on_thread_count() -> None:
+    # Each output is computed by one thread in a fixed order, so splitting the work must not change a bit.
+    n, k = 1536, 576
+    w = make_weight(n, k, seed=18)
+    mod4 = Int4Linear.from_quantized(*quantize_int4_rtn(w, 64, symmetric=False), 64)
+    mod8 = Int8Linear.from_quantized(*quantize_int8_per_channel(w))
+    x = make_x((16,), k, seed=19)
+    single = (mod4(x), mod8(x))
+    torch.set_num_threads(2)
+    assert torch.equal(mod4(x), single[0]) and torch.equal(mod8(x), single[1])
 
 
 # ---------------------------------------------------------------------------------- RTN quantizers
