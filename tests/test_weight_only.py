@@ -37,13 +37,18 @@ def perplexities(server: ServerProcess) -> dict[str, float]:
     return {p: http_perplexity(server, p) for p in ["base-torch", *WEIGHT_ONLY]}
 
 
-@pytest.mark.parametrize("profile", WEIGHT_ONLY)
-def test_weight_only_profile_builds_and_chats(server: ServerProcess, profile: str) -> None:
-    r = httpx.post(server.url + "/v1/chat/completions", timeout=600,
+def assert_chats(server: ServerProcess, profile: str, timeout: float) -> None:
+    """The profile (built on first use, so a long timeout) answers a chat request with some text."""
+    r = httpx.post(server.url + "/v1/chat/completions", timeout=timeout,
                    json={"model": profile, "messages": [{"role": "user", "content": "What is the capital of France?"}],
                          "max_tokens": 16, "temperature": 0})
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["message"]["content"].strip()
+
+
+@pytest.mark.parametrize("profile", WEIGHT_ONLY)
+def test_weight_only_profile_builds_and_chats(server: ServerProcess, profile: str) -> None:
+    assert_chats(server, profile, timeout=600)
     card = httpx.get(server.url + f"/v1/models/{profile}").json()
     assert card["state"] == "ready" and card["engine"] == "torch"
 
@@ -91,11 +96,7 @@ def library_perplexities(server: ServerProcess) -> dict[str, float]:
 @pytest.mark.slow
 @pytest.mark.parametrize("profile", LIBRARY)
 def test_library_profile_builds_and_chats(server: ServerProcess, profile: str) -> None:
-    r = httpx.post(server.url + "/v1/chat/completions", timeout=1800,
-                   json={"model": profile, "messages": [{"role": "user", "content": "What is the capital of France?"}],
-                         "max_tokens": 16, "temperature": 0})
-    assert r.status_code == 200, r.text
-    assert r.json()["choices"][0]["message"]["content"].strip()
+    assert_chats(server, profile, timeout=1800)
 
 
 @pytest.mark.slow
