@@ -8,9 +8,10 @@ memory bandwidth, which is measured in the same run with a large streaming ``cop
 By default every kernel rotates through enough copies of its weights (``--rotate-mb``, well above the
 last-level cache) that each call streams its weights from DRAM, as in real decoding where a whole model
 is read per token. ``--hot`` reuses one copy instead (cache-resident; can exceed DRAM bandwidth).
-Calls of the kernels being compared are interleaved, so background load affects them alike.
+Calls of the kernels being compared are interleaved, so background load affects them alike, and the CPU
+time other processes used during the run is printed: with 2 threads, any of it inflates the medians.
 
-    .venv/bin/python scripts/bench_kernels.py [--threads 2] [--batch 1 16] [--runs 200] [--hot]
+    .venv/bin/python scripts/bench_kernels.py [--threads 2] [--batch 1 16] [--runs 200] [--hot] [--fp32]
 """
 
 from __future__ import annotations
