@@ -208,7 +208,7 @@ class Server:
         self.registry.check_capacity(rt)
         steps = self._run_all(rt, prompts, params, prompt_lp, t_arrival)
         if req.stream:
-            return self._sse(self._completion_chunks(req, rt, engine, prompts, prompt_texts, steps), http)
+            return self._sse(self._completion_chunks(req, rt, prompts, prompt_texts, steps))
         outcomes = await self._collect(steps, len(prompts), http)
         choices = []
         for i, out in enumerate(outcomes):
@@ -222,10 +222,10 @@ class Server:
         return P.CompletionResponse(model=rt.name, choices=choices, usage=usage)
 
     async def _completion_chunks(
-        self, req: P.CompletionRequest, rt: ProfileRuntime, engine: Engine, prompts: list[list[int]],
+        self, req: P.CompletionRequest, rt: ProfileRuntime, prompts: list[list[int]],
         prompt_texts: list[str], steps: AsyncIterator[tuple[int, Step]],
     ) -> AsyncIterator[str]:
-        rid, created = f"cmpl-{_hex()}", int(time.time())
+        rid, created = P.new_id("cmpl"), int(time.time())
         completion_tokens = 0
         echoed = [False] * len(prompts)
         async for i, step in steps:
@@ -262,7 +262,7 @@ class Server:
         self.registry.check_capacity(rt)
         steps = self._run_all(rt, [ids], params, None, t_arrival)
         if req.stream:
-            return self._sse(self._chat_chunks(req, rt, len(ids), steps), http)
+            return self._sse(self._chat_chunks(req, rt, len(ids), steps))
         (out,) = await self._collect(steps, 1, http)
         choice = P.ChatChoice(index=0, message=P.AssistantMessage(content=out.text),
                               logprobs=chat_logprobs(out.tokens) if req.logprobs else None,
@@ -274,7 +274,7 @@ class Server:
         self, req: P.ChatCompletionRequest, rt: ProfileRuntime, prompt_len: int,
         steps: AsyncIterator[tuple[int, Step]],
     ) -> AsyncIterator[str]:
-        rid, created = f"chatcmpl-{_hex()}", int(time.time())
+        rid, created = P.new_id("chatcmpl"), int(time.time())
 
         def chunk(delta: P.DeltaMessage, finish: str | None = None, lp: P.ChatLogprobs | None = None) -> str:
             choice = P.ChatChunkChoice(index=0, delta=delta, logprobs=lp, finish_reason=finish)
@@ -322,7 +322,7 @@ class Server:
             if not task.done():
                 task.cancel()
 
-    def _sse(self, chunks: AsyncIterator[str], http: Request) -> StreamingResponse:
+    def _sse(self, chunks: AsyncIterator[str]) -> StreamingResponse:
         async def body() -> AsyncIterator[str]:
             try:
                 async for data in chunks:
@@ -338,12 +338,6 @@ class Server:
 
 
 # ---------------------------------------------------------------- response helpers
-
-
-def _hex() -> str:
-    import uuid
-
-    return uuid.uuid4().hex
 
 
 def _sse_data(model: P.BaseModel) -> str:

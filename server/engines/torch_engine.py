@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence as Seq
 from pathlib import Path
 
@@ -113,7 +112,6 @@ class TorchEngine(Engine):
         self.bos_token = self.tokenizer.bos_token
         self.eos_token = self.tokenizer.eos_token
         self.chat_template = self.tokenizer.chat_template
-        self._lock = threading.Lock()
 
     def _new_cache(self) -> object:
         from transformers import DynamicCache
