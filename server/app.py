@@ -20,6 +20,7 @@ from shrinkserve.server.handlers import Server
 from shrinkserve.server.metrics import Metrics
 from shrinkserve.server.registry import Registry
 from shrinkserve.server.settings import Settings
+from shrinkserve.server.traffic_log import TrafficLog
 
 log = logging.getLogger("shrinkserve.app")
 
@@ -39,7 +40,7 @@ def _auth(settings: Settings) -> Callable[[Request], None]:
 def create_app(settings: Settings) -> FastAPI:
     metrics = Metrics()
     registry = Registry(settings, metrics)
-    server = Server(registry, metrics)
+    server = Server(registry, metrics, TrafficLog(settings.capture))
     started = int(time.time())
 
     @contextlib.asynccontextmanager

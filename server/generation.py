@@ -25,6 +25,7 @@ class TokenInfo:
     bytes: bytes
     logprob: float | None = None
     top: list[TokenInfo] | None = None
+    teacher: list[tuple[int, float]] | None = None  # top-k (id, logprob) kept for traffic capture
 
 
 @dataclass
@@ -164,10 +165,12 @@ def generate(
     cancel: threading.Event,
     *,
     prompt_logprobs: int | None = None,
+    teacher_top_k: int = 0,
 ) -> Iterator[Step]:
     """Decode up to `params.max_tokens` tokens after `prompt_ids`, one Step per token.
 
-    `prompt_logprobs` (top-k count) asks for per-position logprobs of the prompt itself (echo).
+    `prompt_logprobs` (top-k count) asks for per-position logprobs of the prompt itself (echo);
+    `teacher_top_k` keeps each generated token's top-k distribution in `TokenInfo.teacher`.
     """
     try:
         logits, prompt_lp = prefill(engine, seq, prompt_ids, cancel, want_prompt_logprobs=prompt_logprobs is not None)
@@ -186,7 +189,7 @@ def generate(
 
     sampler = Sampler(params)
     text = _StopText(params.stop)
-    want_lp = params.logprobs is not None
+    want_lp = params.logprobs is not None or teacher_top_k > 0
     generated = 0
     while True:
         if cancel.is_set():
@@ -198,7 +201,10 @@ def generate(
         if token in engine.eos_token_ids and not params.ignore_eos:
             yield Step(text.flush(), finish_reason="stop", uncounted=1)
             return
-        info = _token_info(engine, token, lp, params.logprobs)
+        info = _token_info(engine, token, lp if params.logprobs is not None else None, params.logprobs)
+        if teacher_top_k > 0:
+            assert lp is not None
+            info.teacher = top_k(lp, teacher_top_k)
         released, stopped = text.push(info.bytes)
         if stopped:
             yield Step(released, [info], finish_reason="stop")

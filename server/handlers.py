@@ -20,6 +20,7 @@ from shrinkserve.server.generation import Step, TokenInfo, generate
 from shrinkserve.server.metrics import Metrics
 from shrinkserve.server.registry import ProfileRuntime, Registry
 from shrinkserve.server.sampling import SamplingParams
+from shrinkserve.server.traffic_log import TrafficLog
 
 _DONE = object()
 
@@ -68,9 +69,10 @@ class _Lease:
 
 
 class Server:
-    def __init__(self, registry: Registry, metrics: Metrics) -> None:
+    def __init__(self, registry: Registry, metrics: Metrics, traffic: TrafficLog) -> None:
         self.registry = registry
         self.metrics = metrics
+        self.traffic = traffic
 
     # ------------------------------------------------------------ profile resolution
 
@@ -93,10 +95,22 @@ class Server:
         queue: asyncio.Queue[object] = asyncio.Queue()
         cancel = threading.Event()
 
+        capture = self.traffic.wants(rt.name)
+        top_k = self.traffic.settings.top_k if capture else 0
+
         def worker() -> None:
             try:
-                for step in generate(engine, lease.seq, prompt_ids, params, cancel, prompt_logprobs=prompt_logprobs):
+                produced: list[TokenInfo] = []
+                for step in generate(engine, lease.seq, prompt_ids, params, cancel, prompt_logprobs=prompt_logprobs,
+                                     teacher_top_k=top_k):
                     loop.call_soon_threadsafe(queue.put_nowait, step)
+                    produced += step.tokens
+                    if capture and step.finish_reason in ("stop", "length"):
+                        self.traffic.record(
+                            profile=rt.name, prompt_ids=list(prompt_ids), prompt_text=engine.detokenize(prompt_ids),
+                            completion_ids=[t.id for t in produced],
+                            completion_text=b"".join(t.bytes for t in produced).decode("utf-8", errors="replace"),
+                            finish_reason=step.finish_reason, teacher=[t.teacher or [] for t in produced])
             except BaseException as exc:  # surfaced to the consumer, never kills the server
                 loop.call_soon_threadsafe(queue.put_nowait, exc)
             finally:

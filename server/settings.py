@@ -22,6 +22,7 @@ from pydantic_settings import (
 )
 
 from shrinkserve.compression.profiles import BaseSpec, ProfileSpec
+from shrinkserve.server.traffic_log import CaptureSettings
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -55,6 +56,7 @@ class Settings(BaseSettings):
     bases: dict[str, BaseSpec] = Field(default_factory=lambda: {"smollm2": BaseSpec()})
     profiles: dict[str, ProfileSpec] = Field(default_factory=dict)
     routes: dict[str, str] = Field(default_factory=dict)
+    capture: CaptureSettings = Field(default_factory=CaptureSettings)
 
     @classmethod
     def settings_customise_sources(
