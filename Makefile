@@ -12,7 +12,7 @@ LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=O
   -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
   -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF
 
-.PHONY: setup serve test lint bench clean
+.PHONY: setup serve test tools lint bench clean
 
 setup: $(STAMP)
 
@@ -30,8 +30,12 @@ $(STAMP): pyproject.toml
 serve: setup
 	$(BIN)/shrinkserve serve $(ARGS)
 
-test: setup
+test: setup tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# helm, kubectl, hadolint, kubernetes-validate, prometheus/promtool for the deployment tests (idempotent).
+tools: setup
+	VENV=$(VENV) bash scripts/install_test_tools.sh
 
 lint: setup
 	$(BIN)/ruff check .
