@@ -38,6 +38,19 @@ class BaseSpec(BaseModel):
         return v
 
 
+class QualityGate(BaseModel):
+    """Limits a profile must meet against its base to be served (see compression/quality.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_ppl_increase: float | None = Field(default=None, ge=0, description="e.g. 0.05 = perplexity at most +5%")
+    max_kl: float | None = Field(default=None, ge=0, description="mean KL(base ‖ profile), nats per token")
+    max_kl_hard10: float | None = Field(default=None, ge=0)
+    min_top1_agreement: float | None = Field(default=None, ge=0, le=1)
+    min_top1_agreement_hard10: float | None = Field(default=None, ge=0, le=1)
+    min_task_score: float | None = Field(default=None, ge=0, le=1)
+
+
 class CalibrationSpec(BaseModel):
     """Calibration text for AWQ/GPTQ: the shipped set, or the user's own file."""
 
@@ -76,6 +89,7 @@ class ProfileSpec(BaseModel):
     # The tied output projection: quantized in our own path (int8 or 4-bit) or kept dense (None).
     lm_head_bits: Literal[4, 8] | None = 8
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
+    gate: QualityGate | None = None
 
     @field_validator("method")
     @classmethod
@@ -168,6 +182,14 @@ class ProfileBuilder:
             return f16
         return Planned(f"{base.name}/{method.variant}", {"kind": "gguf", "type": method.variant},
                        {"base_f16": f16.key}, {"llama_cpp_python": tool_version("llama_cpp_python")})
+
+    def reference_checkpoint(self, name: str) -> Path:
+        """The full-precision HF checkpoint of the profile's base: what its quality is measured against."""
+        base = self._base_of(self.profiles[name])
+        if base.kind == "hf":
+            return base.path
+        with self._lock:
+            return base_model.hf_checkpoint(self.cache, base)[0]
 
     def status(self, name: str) -> dict[str, Any]:
         """What `shrinkserve profiles` shows: cache state and size, without building anything."""

@@ -18,7 +18,7 @@ from shrinkserve.server.chat import render_chat
 from shrinkserve.server.errors import APIError, install_handlers
 from shrinkserve.server.handlers import Server
 from shrinkserve.server.metrics import Metrics
-from shrinkserve.server.registry import Registry
+from shrinkserve.server.registry import ProfileRuntime, Registry
 from shrinkserve.server.settings import Settings
 from shrinkserve.server.traffic_log import TrafficLog
 
@@ -119,8 +119,17 @@ def create_app(settings: Settings) -> FastAPI:
             id=name, created=started, root=rt.spec.base or "", method=rt.spec.method, engine=rt.spec.engine or "",
             state=rt.state, error=rt.error, bytes_on_disk=built.bytes if built else None,
             resident_memory_bytes=rt.resident_bytes, context_length=ctx, max_model_len=ctx, routes=rt.routes,
-            quality=(built.manifest.get("quality") if built else None),
+            quality=rt.quality, gate=gate_status(rt),
         )
+
+    def gate_status(rt: ProfileRuntime) -> P.GateStatus | None:
+        if rt.spec.gate is None:
+            return None
+        limits = rt.spec.gate.model_dump(exclude_none=True)
+        if rt.quality is None:
+            return P.GateStatus(limits=limits)
+        return P.GateStatus(limits=limits, passed=not rt.gate_failures, failures=rt.gate_failures,
+                            served_anyway=bool(rt.gate_failures) and rt.state != "rejected")
 
     app.include_router(openai_router(None))
     for prefix, profile in settings.routes.items():
@@ -132,7 +141,8 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.get("/ready")
     async def ready() -> JSONResponse:
-        states = {n: {"state": rt.state, "load": rt.spec.load, **({"error": rt.error} if rt.error else {})}
+        states = {n: {"state": rt.state, "load": rt.spec.load, **({"error": rt.error} if rt.error else {}),
+                      **({"gate_failures": rt.gate_failures} if rt.gate_failures else {})}
                   for n, rt in registry.profiles.items()}
         ok = registry.ready
         return JSONResponse({"ready": ok, "profiles": states}, status_code=200 if ok else 503)

@@ -1,4 +1,4 @@
-"""`shrinkserve` command line: serve, compress, profiles, bench."""
+"""`shrinkserve` command line: serve, compress, profiles, eval, report, bench."""
 
 from __future__ import annotations
 
@@ -8,6 +8,11 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from shrinkserve.compression.profiles import ProfileBuilder
+    from shrinkserve.server.settings import EvaluationSettings, Settings
 
 
 def _setup_env() -> None:
@@ -17,7 +22,7 @@ def _setup_env() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever fetched from a hub
 
 
-def _settings(args: argparse.Namespace, **overrides: object):
+def _settings(args: argparse.Namespace, **overrides: object) -> Settings:
     from shrinkserve.server.settings import load_settings
 
     return load_settings(args.config, **{k: v for k, v in overrides.items() if v is not None})
@@ -79,6 +84,80 @@ def cmd_profiles(args: argparse.Namespace) -> int:
     return 0
 
 
+def _builder(settings: Settings) -> ProfileBuilder:
+    from shrinkserve.compression.cache import ArtifactCache
+    from shrinkserve.compression.profiles import ProfileBuilder
+
+    return ProfileBuilder(ArtifactCache(settings.cache_dir), settings.bases, settings.profiles,
+                          threads=settings.threads)
+
+
+def _evaluation(args: argparse.Namespace, settings: Settings) -> EvaluationSettings:
+    overrides = {k: v for k, v in (("max_tokens", args.max_tokens), ("tasks", args.tasks)) if v is not None}
+    return settings.evaluation.model_copy(update=overrides)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from shrinkserve.compression.quality import progress_units
+    from shrinkserve.server.quality_runner import Evaluator, gate_failures
+    from shrinkserve.server.registry import load_engine, process_rss
+
+    settings = _settings(args)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    names = list(settings.profiles) if args.all or not args.profile else args.profile
+    unknown = [n for n in names if n not in settings.profiles]
+    if unknown:
+        print(f"unknown profile(s): {', '.join(unknown)}; have: {', '.join(settings.profiles)}", file=sys.stderr)
+        return 2
+    builder = _builder(settings)
+    evalset = _evaluation(args, settings).evalset()
+    evaluator = Evaluator(builder, evalset, settings.threads)
+    failed = 0
+    for name in names:
+        spec = settings.profiles[name]
+        built = builder.build(name)
+        record = None if args.force else evaluator.stored(built, spec)
+        if record is None:
+            before = process_rss()
+            engine = load_engine(built, spec, settings.threads)
+            resident = max(0, process_rss() - before)
+            try:
+                total = progress_units(evalset, len(evalset.token_ids(engine)))
+                with tqdm(total=total, desc=f"eval {name}", unit="tok") as bar:
+                    record = evaluator.run(name, built, spec, engine, resident_bytes=resident, progress=bar.update)
+            finally:
+                engine.close()
+        failures = gate_failures(record, spec)
+        failed += bool(failures)
+        if args.json:
+            print(json.dumps({"profile": name, **record, "gate_failures": failures}))
+        else:
+            print(f"{name:14s} PPL {record['perplexity']:.3f} (base {record['reference_perplexity']:.3f}, "
+                  f"x{record['ppl_ratio']:.3f})  KL {record['kl']:.4f} (hardest 10%: {record['kl_hard10']:.4f})  "
+                  f"top-1 {record['top1']:.3f} ({record['top1_hard10']:.3f})  tasks {record['task_score']:.3f} "
+                  f"(base {record['reference_task_score']:.3f})  {record['decode_tokens_per_s']:.1f} tok/s"
+                  + (f"  GATE FAILED: {'; '.join(failures)}" if failures else ""))
+    evaluator.release()
+    return 1 if failed else 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from shrinkserve.server import report
+
+    settings = _settings(args)
+    rows = report.collect(_builder(settings), _evaluation(args, settings).evalset().sha256)
+    print(report.markdown(rows))
+    if not args.no_plot:
+        try:
+            print(f"\nplot: {report.plot(rows, args.out)}")
+        except ValueError as exc:
+            print(f"\nno plot: {exc}", file=sys.stderr)
+            return 1
+    return 0
+
+
 def cmd_bench(argv: list[str]) -> int:
     from shrinkserve.server.bench import main as bench_main
 
@@ -106,6 +185,23 @@ def build_parser() -> argparse.ArgumentParser:
     profiles = with_config(sub.add_parser("profiles", help="list profiles with cache state and sizes"))
     profiles.add_argument("--json", action="store_true")
     profiles.set_defaults(func=cmd_profiles)
+
+    def with_evalset(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--max-tokens", type=int, help="held-out tokens to use (default: evaluation.max_tokens)")
+        p.add_argument("--tasks", type=int, help="task items to use (default: evaluation.tasks)")
+        return p
+
+    evaluate = with_evalset(with_config(sub.add_parser("eval", help="measure profiles against their base")))
+    evaluate.add_argument("--profile", action="append", help="profile to evaluate (repeatable; default: all)")
+    evaluate.add_argument("--all", action="store_true", help="evaluate every profile")
+    evaluate.add_argument("--force", action="store_true", help="measure again even if a record exists")
+    evaluate.add_argument("--json", action="store_true", help="one JSON record per line")
+    evaluate.set_defaults(func=cmd_eval)
+
+    rep = with_evalset(with_config(sub.add_parser("report", help="size/speed/quality table and plot")))
+    rep.add_argument("--out", type=Path, default=Path("shrinkserve-report.png"), help="PNG to write")
+    rep.add_argument("--no-plot", action="store_true")
+    rep.set_defaults(func=cmd_report)
 
     sub.add_parser("bench", help="load-test a running server (see `shrinkserve bench --help`)", add_help=False)
     return parser

@@ -52,10 +52,38 @@ class Metrics:
                                        registry=r)
         self.cache_events = Counter("shrinkserve_artifact_cache", "Artifact cache lookups by result.",
                                     ["profile", "result"], registry=r)
+        # Quality against the base, from the profile's evaluation record (compression/quality.py).
+        q = ["profile", "positions"]
+        self.quality_ppl = Gauge("shrinkserve_quality_perplexity", "Perplexity on the held-out text.", p, registry=r)
+        self.quality_ppl_ratio = Gauge("shrinkserve_quality_perplexity_ratio",
+                                       "Perplexity divided by the base's on the same tokens.", p, registry=r)
+        self.quality_kl = Gauge("shrinkserve_quality_kl_divergence",
+                                "Mean KL(base || profile) of next-token distributions, nats.", q, registry=r)
+        self.quality_top1 = Gauge("shrinkserve_quality_top1_agreement",
+                                  "Fraction of positions where the profile's top token is the base's.", q, registry=r)
+        self.quality_task = Gauge("shrinkserve_quality_task_score", "Accuracy on the shipped task set.", p,
+                                  registry=r)
+        self.decode_speed = Gauge("shrinkserve_decode_tokens_per_second",
+                                  "Single-stream decode speed measured at evaluation time.", p, registry=r)
+        self.rejected = Gauge("shrinkserve_profile_rejected", "1 when the profile failed its quality gate.", p,
+                              registry=r)
+
+    def set_quality(self, profile: str, record: dict | None, *, rejected: bool) -> None:
+        self.rejected.labels(profile).set(int(rejected))
+        if record is None:
+            return
+        self.quality_ppl.labels(profile).set(record["perplexity"])
+        self.quality_ppl_ratio.labels(profile).set(record["ppl_ratio"])
+        self.quality_kl.labels(profile, "all").set(record["kl"])
+        self.quality_kl.labels(profile, "hardest_10pct").set(record["kl_hard10"])
+        self.quality_top1.labels(profile, "all").set(record["top1"])
+        self.quality_top1.labels(profile, "hardest_10pct").set(record["top1_hard10"])
+        self.quality_task.labels(profile).set(record["task_score"])
+        self.decode_speed.labels(profile).set(record["decode_tokens_per_s"])
 
     def declare(self, profile: str) -> None:
         """Create a profile's zero-valued children so series exist before the first request."""
-        for g in (self.running, self.waiting, self.profile_ready):
+        for g in (self.running, self.waiting, self.profile_ready, self.rejected):
             g.labels(profile).set(0)
         for c in (self.prompt_tokens, self.generation_tokens):
             c.labels(profile)

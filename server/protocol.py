@@ -236,6 +236,15 @@ class CompletionChunk(BaseModel):
     usage: Usage | None = None
 
 
+class GateStatus(BaseModel):
+    """The profile's quality gate: its limits and, once measured, whether it passes them."""
+
+    limits: dict[str, float]
+    passed: bool | None = None  # None until the profile has been evaluated
+    failures: list[str] = Field(default_factory=list)
+    served_anyway: bool = False
+
+
 class ModelCard(BaseModel):
     """One profile as `/v1/models` shows it; the shrinkserve fields extend OpenAI's model object."""
 
@@ -253,7 +262,8 @@ class ModelCard(BaseModel):
     context_length: int | None = None
     max_model_len: int | None = None
     routes: list[str] = Field(default_factory=list)
-    quality: dict[str, Any] | None = None
+    quality: dict[str, Any] | None = None  # the evaluation record against the base; None until measured
+    gate: GateStatus | None = None
 
 
 class ModelList(BaseModel):

@@ -15,11 +15,12 @@ from shrinkserve.compression.profiles import BuiltProfile, ProfileBuilder, Profi
 from shrinkserve.server.engines.base import Engine, Sequence
 from shrinkserve.server.errors import APIError, not_ready
 from shrinkserve.server.metrics import Metrics
+from shrinkserve.server.quality_runner import Evaluator, gate_failures
 from shrinkserve.server.settings import Settings
 
 log = logging.getLogger("shrinkserve.registry")
 
-State = Literal["pending", "building", "loading", "ready", "failed"]
+State = Literal["pending", "building", "loading", "evaluating", "ready", "rejected", "failed"]
 
 
 def process_rss() -> int:
@@ -48,6 +49,8 @@ class ProfileRuntime:
     engine: Engine | None = None
     resident_bytes: int | None = None
     routes: list[str] = field(default_factory=list)
+    quality: dict | None = None  # the evaluation record for the current eval set, once measured
+    gate_failures: list[str] = field(default_factory=list)
     waiting: int = 0
     running: int = 0
     _slots: asyncio.Queue[Sequence] | None = None
@@ -58,6 +61,9 @@ class ProfileRuntime:
             return
         if self.state == "failed":
             raise not_ready(self.name, f"failed to build or load: {self.error}")
+        if self.state == "rejected":
+            raise APIError(503, f"profile {self.name!r} is not served: it failed its quality gate: "
+                                f"{'; '.join(self.gate_failures)}", code="quality_gate_failed")
         raise not_ready(self.name, f"{self.state}")
 
 
@@ -75,6 +81,7 @@ class Registry:
             self.profiles[name].routes.append(prefix)
         for name in self.profiles:
             metrics.declare(name)
+        self.evaluator = Evaluator(self.builder, settings.evaluation.evalset(), settings.threads)
         self._loop: asyncio.AbstractEventLoop | None = None
         # Loading is measured by RSS deltas, so loads must not overlap.
         self._load_lock = threading.Lock()
@@ -94,10 +101,41 @@ class Registry:
             if self._closed:
                 return
             self._load(rt)
+        # Profiles without a gate serve first and are measured afterwards, so start-up stays quick.
+        for rt in runtimes:
+            self._evaluate_if_missing(rt)
+        self.evaluator.release()
+
+    def _load_and_evaluate(self, rt: ProfileRuntime) -> None:
+        self._load(rt)
+        self._evaluate_if_missing(rt)
+        self.evaluator.release()
+
+    def _evaluate_if_missing(self, rt: ProfileRuntime) -> None:
+        if self._closed or not self.settings.evaluation.on_build or rt.quality is not None:
+            return
+        if rt.state != "ready" or rt.engine is None or rt.built is None:
+            return
+        try:
+            record = self.evaluator.run(rt.name, rt.built, rt.spec, rt.engine, resident_bytes=rt.resident_bytes)
+        except Exception:  # a failed measurement leaves the profile serving, unmeasured
+            log.exception("evaluating profile %s failed", rt.name)
+            return
+        self._apply_quality(rt, record)
+
+    def _apply_quality(self, rt: ProfileRuntime, record: dict | None) -> None:
+        """Publish the record; a profile failing its gate stops serving unless the operator overrides."""
+        rt.quality = record
+        rt.gate_failures = gate_failures(record, rt.spec)
+        self.metrics.set_quality(rt.name, record, rejected=bool(rt.gate_failures))
+        if rt.gate_failures and not self.settings.evaluation.serve_rejected:
+            log.warning("profile %s rejected by its quality gate: %s", rt.name, "; ".join(rt.gate_failures))
+            rt.state = "rejected"
+            self.metrics.profile_ready.labels(rt.name).set(0)
 
     def _load(self, rt: ProfileRuntime) -> None:
         with self._load_lock:
-            if rt.state in ("ready", "failed") or self._closed:
+            if rt.state in ("ready", "failed", "rejected") or self._closed:
                 return
             try:
                 rt.state = "building"
@@ -117,8 +155,16 @@ class Registry:
                 assert self._loop is not None
                 fut = asyncio.run_coroutine_threadsafe(self._make_slots(rt, seqs), self._loop)
                 fut.result()
-                rt.state = "ready"
-                self.metrics.profile_ready.labels(rt.name).set(1)
+                record = self.evaluator.stored(built, rt.spec)
+                if record is None and rt.spec.gate is not None:
+                    # A gated profile is measured before it serves a single request.
+                    rt.state = "evaluating"
+                    record = self.evaluator.run(rt.name, built, rt.spec, engine, resident_bytes=rt.resident_bytes)
+                if record is not None:
+                    self._apply_quality(rt, record)
+                if rt.state != "rejected":
+                    rt.state = "ready"
+                    self.metrics.profile_ready.labels(rt.name).set(1)
                 log.info("profile %s ready: %s, %d bytes on disk, +%d MiB RSS, %s", rt.name, built.method,
                          built.bytes, rt.resident_bytes >> 20, "cache hit" if built.cache_hit else "built")
             except Exception as exc:  # a broken profile must not take the others down
@@ -136,6 +182,7 @@ class Registry:
 
     def close(self) -> None:
         self._closed = True
+        self.evaluator.release()
         for rt in self.profiles.values():
             if rt.engine is not None:
                 rt.engine.close()
@@ -155,9 +202,10 @@ class Registry:
         """Lazy profiles are built and loaded on first use (the request waits); eager ones answer 503 until ready."""
         if rt.state == "ready":
             return
-        if rt.spec.load == "lazy" and rt.state in ("pending", "building", "loading"):
+        if rt.spec.load == "lazy" and rt.state in ("pending", "building", "loading", "evaluating"):
             if rt.state == "pending":
-                threading.Thread(target=self._load, args=(rt,), name=f"load-{rt.name}", daemon=True).start()
+                threading.Thread(target=self._load_and_evaluate, args=(rt,), name=f"load-{rt.name}",
+                                 daemon=True).start()
             waited = await asyncio.to_thread(rt._ready.wait, self.settings.load_timeout_seconds)
             if not waited:
                 raise not_ready(rt.name, f"still {rt.state} after {self.settings.load_timeout_seconds:.0f}s")
@@ -205,4 +253,5 @@ class Registry:
 
     @property
     def ready(self) -> bool:
-        return all(rt.state == "ready" for rt in self.profiles.values() if rt.spec.load == "eager")
+        # A rejected profile is a decision, not a fault: the pod still serves the others.
+        return all(rt.state in ("ready", "rejected") for rt in self.profiles.values() if rt.spec.load == "eager")

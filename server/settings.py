@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -22,6 +22,7 @@ from pydantic_settings import (
 )
 
 from shrinkserve.compression.profiles import BaseSpec, ProfileSpec
+from shrinkserve.compression.quality import EvalSet
 from shrinkserve.server.traffic_log import CaptureSettings
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -37,6 +38,22 @@ def default_threads() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # pragma: no cover - non-Linux
         return max(1, os.cpu_count() or 1)
+
+
+class EvaluationSettings(BaseModel):
+    """How profiles are measured against their base (compression/quality.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Evaluate a profile once it is loaded, when its artifact has no record for the current eval set.
+    on_build: bool = True
+    max_tokens: int | None = Field(default=None, ge=64, description="held-out tokens used; None = all (~3.5k)")
+    tasks: int | None = Field(default=None, ge=1, description="task items used; None = all")
+    # Serve profiles that fail their quality gate anyway (they stay marked as failing in /v1/models).
+    serve_rejected: bool = False
+
+    def evalset(self) -> EvalSet:
+        return EvalSet.load(max_tokens=self.max_tokens, tasks=self.tasks)
 
 
 class Settings(BaseSettings):
@@ -57,6 +74,7 @@ class Settings(BaseSettings):
     profiles: dict[str, ProfileSpec] = Field(default_factory=dict)
     routes: dict[str, str] = Field(default_factory=dict)
     capture: CaptureSettings = Field(default_factory=CaptureSettings)
+    evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings)
 
     @classmethod
     def settings_customise_sources(

@@ -32,6 +32,9 @@ class ServerProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.config_path = log_path.with_suffix(".yaml")
+        # Evaluating every profile after load would keep both cores busy under the other tests; the
+        # quality tests turn it on in their own configs.
+        config = {"evaluation": {"on_build": False}, **config}
         self.config_path.write_text(yaml.safe_dump(config))
         self.log_path = log_path
         full_env = {**os.environ, "SHRINKSERVE_CACHE_DIR": str(cache_dir), **(env or {})}

@@ -41,6 +41,9 @@ class Sequence(ABC):
     def reset(self) -> None:
         self.truncate(0)
 
+    def close(self) -> None:  # noqa: B027 - most engines free a sequence with the garbage collector
+        """Free the sequence's native memory now (a llama.cpp context); unusable afterwards."""
+
 
 class Engine(ABC):
     name: str

@@ -65,6 +65,9 @@ class LlamaCppSequence(Sequence):
             self._ctx.kv_cache_seq_rm(0, n, -1)
 
     def close(self) -> None:
+        with self._engine._lock:
+            if self in self._engine._sequences:
+                self._engine._sequences.remove(self)
         self._batch.close()
         self._ctx.close()
 
@@ -124,7 +127,7 @@ class LlamaCppEngine(Engine):
 
     def close(self) -> None:
         with self._lock:
-            for seq in self._sequences:
-                seq.close()
-            self._sequences.clear()
+            seqs, self._sequences = self._sequences, []
+        for seq in seqs:
+            seq.close()
         self._model.close()

@@ -1,0 +1,79 @@
+"""Runs a profile's evaluation against its base and stores the record; shared by the server and `shrinkserve eval`."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+from shrinkserve.compression import quality_store
+from shrinkserve.compression.profiles import BuiltProfile, ProfileBuilder, ProfileSpec
+from shrinkserve.compression.quality import EvalSet, Progress, Scorer, evaluate, iter_gate_failures, task_score
+from shrinkserve.server.engines.base import Engine
+
+log = logging.getLogger("shrinkserve.quality")
+
+
+class Evaluator:
+    """Keeps the reference (the base in float32 on the PyTorch engine) loaded while evaluations run."""
+
+    def __init__(self, builder: ProfileBuilder, evalset: EvalSet, threads: int) -> None:
+        self.builder = builder
+        self.evalset = evalset
+        self.threads = threads
+        self._reference: tuple[Path, Scorer] | None = None
+        self._reference_task_score: dict[Path, float] = {}
+        self._lock = threading.Lock()  # one evaluation at a time: they are CPU-bound
+
+    def stored(self, built: BuiltProfile, spec: ProfileSpec) -> dict[str, Any] | None:
+        return quality_store.load(self.builder.cache, built, spec, self.evalset.sha256)
+
+    def _reference_for(self, name: str) -> tuple[Path, Scorer]:
+        from shrinkserve.server.engines.torch_engine import TorchEngine
+
+        path = self.builder.reference_checkpoint(name)
+        if self._reference is None or self._reference[0] != path:
+            self.release()
+            self._reference = (path, Scorer(TorchEngine(path, threads=self.threads, dtype="float32")))
+        return self._reference
+
+    def run(
+        self, name: str, built: BuiltProfile, spec: ProfileSpec, engine: Engine, *,
+        resident_bytes: int | None = None, progress: Progress | None = None,
+    ) -> dict[str, Any]:
+        """Measure, store in the artifact's manifest, return the record."""
+        with self._lock:
+            ref_path, reference = self._reference_for(name)
+            if ref_path not in self._reference_task_score:
+                self._reference_task_score[ref_path] = task_score(reference, self.evalset.tasks, progress)
+            elif progress:
+                progress(len(self.evalset.tasks))
+            log.info("evaluating profile %s against %s", name, ref_path)
+            scorer = Scorer(engine)
+            try:
+                record = evaluate(scorer, reference, self.evalset, progress=progress,
+                                  reference_task_score=self._reference_task_score[ref_path])
+            finally:
+                scorer.close()
+            record.update(bytes=built.bytes, resident_bytes=resident_bytes, method=spec.method,
+                          variant=quality_store.variant(spec))
+            quality_store.save(self.builder.cache, built, spec, record)
+            log.info("profile %s: ppl %.3f (x%.3f), KL %.4f, top-1 %.3f, tasks %.2f, %.1f tok/s", name,
+                     record["perplexity"], record["ppl_ratio"], record["kl"], record["top1"], record["task_score"],
+                     record["decode_tokens_per_s"])
+            return record
+
+    def release(self) -> None:
+        """Free the reference's memory (about 540 MB for the default model)."""
+        if self._reference is not None:
+            self._reference[1].engine.close()
+            self._reference = None
+            gc.collect()
+
+
+def gate_failures(record: dict[str, Any] | None, spec: ProfileSpec) -> list[str]:
+    if spec.gate is None or record is None:
+        return []
+    return list(iter_gate_failures(record, spec.gate))
