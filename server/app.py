@@ -90,9 +90,22 @@ def create_app(settings: Settings) -> FastAPI:
         async def chat(req: P.ChatCompletionRequest, http: Request) -> Any:
             return await counted(forced or req.model, lambda: server.chat(req, http, forced))
 
+        def tokenizer_profile(model: str | None) -> str | None:
+            # A tokenizer client (lm-eval's remote tokenizer) may name no model: the first profile answers.
+            return model or (None if forced else next(iter(registry.profiles)))
+
+        @router.get("/tokenizer_info")
+        async def tokenizer_info(model: str | None = None) -> dict[str, Any]:
+            """What vLLM's /tokenizer_info gives: lm-eval's remote tokenizer reads the special tokens here."""
+            rt = await server.profile(forced, tokenizer_profile(model))
+            assert rt.engine is not None
+            return {"tokenizer_class": f"shrinkserve-{rt.engine.name}", "eos_token": rt.engine.eos_token,
+                    "bos_token": rt.engine.bos_token, "pad_token": None, "chat_template": rt.engine.chat_template,
+                    "model_max_length": rt.engine.context_length}
+
         @router.post("/tokenize")
         async def tokenize(req: P.TokenizeRequest) -> dict[str, Any]:
-            rt = await server.profile(forced, req.model)
+            rt = await server.profile(forced, tokenizer_profile(req.model))
             assert rt.engine is not None
             if req.messages is not None:
                 ids = rt.engine.tokenize(render_chat(rt.engine, req.messages), add_special=False)
@@ -102,7 +115,7 @@ def create_app(settings: Settings) -> FastAPI:
 
         @router.post("/detokenize")
         async def detokenize(req: P.DetokenizeRequest) -> dict[str, Any]:
-            rt = await server.profile(forced, req.model)
+            rt = await server.profile(forced, tokenizer_profile(req.model))
             assert rt.engine is not None
             bad = [t for t in req.tokens if not 0 <= t < rt.engine.vocab_size]
             if bad:

@@ -111,7 +111,7 @@ class Settings(BaseSettings):
             clean = "/" + prefix.strip("/")
             if clean == "/" or not re.fullmatch(r"(/[A-Za-z0-9._-]+)+", clean):
                 raise ValueError(f"route prefix {prefix!r} must look like '/q4' (not '/')")
-            if clean.split("/")[1] in {"v1", "metrics", "health", "ready", "tokenize", "detokenize"}:
+            if clean.split("/")[1] in {"v1", "metrics", "health", "ready", "tokenize", "detokenize", "tokenizer_info"}:
                 raise ValueError(f"route prefix {prefix!r} collides with a built-in endpoint")
             if profile_name not in self.profiles:
                 raise ValueError(f"route {prefix!r} names unknown profile {profile_name!r}")
