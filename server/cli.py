@@ -41,21 +41,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_compress(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from shrinkserve.compression.cache import ArtifactCache
-    from shrinkserve.compression.profiles import ProfileBuilder
-
-    settings = _settings(args)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+def _selected_profiles(args: argparse.Namespace, settings: Settings) -> list[str]:
+    """`--profile` names (checked) or, with `--all` or none given, every configured profile."""
     names = list(settings.profiles) if args.all or not args.profile else args.profile
     unknown = [n for n in names if n not in settings.profiles]
     if unknown:
-        print(f"unknown profile(s): {', '.join(unknown)}; have: {', '.join(settings.profiles)}", file=sys.stderr)
-        return 2
-    builder = ProfileBuilder(ArtifactCache(settings.cache_dir), settings.bases, settings.profiles,
-                             threads=settings.threads)
+        raise ValueError(f"unknown profile(s): {', '.join(unknown)}; have: {', '.join(settings.profiles)}")
+    return names
+
+
+def _builder(settings: Settings) -> ProfileBuilder:
+    from shrinkserve.compression.cache import ArtifactCache
+    from shrinkserve.compression.profiles import ProfileBuilder
+
+    return ProfileBuilder(ArtifactCache(settings.cache_dir), settings.bases, settings.profiles,
+                          threads=settings.threads)
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    settings = _settings(args)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    names = _selected_profiles(args, settings)
+    builder = _builder(settings)
     with tqdm(names, desc="building profiles", unit="profile") as bar:
         for name in bar:
             bar.set_postfix_str(name)
@@ -66,12 +75,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 
 def cmd_profiles(args: argparse.Namespace) -> int:
-    from shrinkserve.compression.cache import ArtifactCache
-    from shrinkserve.compression.profiles import ProfileBuilder
-
     settings = _settings(args)
-    builder = ProfileBuilder(ArtifactCache(settings.cache_dir), settings.bases, settings.profiles,
-                             threads=settings.threads)
+    builder = _builder(settings)
     rows = [builder.status(name) for name in settings.profiles]
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
@@ -82,14 +87,6 @@ def cmd_profiles(args: argparse.Namespace) -> int:
         print(f"{r['name']:14s} {r['method']:14s} {r['engine']:9s} {r['load']:6s} {r['state']:8s} {size}  "
               f"{r['path'] or ''}")
     return 0
-
-
-def _builder(settings: Settings) -> ProfileBuilder:
-    from shrinkserve.compression.cache import ArtifactCache
-    from shrinkserve.compression.profiles import ProfileBuilder
-
-    return ProfileBuilder(ArtifactCache(settings.cache_dir), settings.bases, settings.profiles,
-                          threads=settings.threads)
 
 
 def _evaluation(args: argparse.Namespace, settings: Settings) -> EvaluationSettings:
@@ -106,11 +103,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    names = list(settings.profiles) if args.all or not args.profile else args.profile
-    unknown = [n for n in names if n not in settings.profiles]
-    if unknown:
-        print(f"unknown profile(s): {', '.join(unknown)}; have: {', '.join(settings.profiles)}", file=sys.stderr)
-        return 2
+    names = _selected_profiles(args, settings)
     builder = _builder(settings)
     evalset = _evaluation(args, settings).evalset()
     evaluator = Evaluator(builder, evalset, settings.threads)
