@@ -173,18 +173,22 @@ def compare(reference: Scorer, engine: Scorer, evalset: EvalSet, progress: Progr
     }
 
 
-def decode_speed(engine: Scorer, tokens: int = 64) -> float:
-    """Greedy single-stream decode tokens/s after a short prompt (prefill not counted)."""
+def decode_speed(engine: Scorer, tokens: int = 32, rounds: int = 3) -> float:
+    """Greedy single-stream decode tokens/s after a short prompt (prefill not counted), best of `rounds`:
+    on a shared 2-core box one round swings by ±20%, the best is what the profile can do."""
     from shrinkserve.server.generation import prefill
 
     seq = engine.seq
-    seq.reset()
-    prompt = engine.tokenize("The history of the old city begins", add_special=True)
-    logits, _ = prefill(engine.engine, seq, prompt, reuse_prefix=False)
-    started = time.perf_counter()
-    for _ in range(tokens):
-        logits = seq.forward([int(np.argmax(logits))], all_logits=False)[0]
-    return tokens / (time.perf_counter() - started)
+    best = 0.0
+    for _ in range(rounds):
+        seq.reset()
+        prompt = engine.tokenize("The history of the old city begins", add_special=True)
+        logits, _ = prefill(engine.engine, seq, prompt, reuse_prefix=False)
+        started = time.perf_counter()
+        for _ in range(tokens):
+            logits = seq.forward([int(np.argmax(logits))], all_logits=False)[0]
+        best = max(best, tokens / (time.perf_counter() - started))
+    return best
 
 
 def evaluate(

@@ -16,6 +16,10 @@ from shrinkserve.server.engines.base import Engine
 log = logging.getLogger("shrinkserve.quality")
 
 
+class EvaluationCancelled(Exception):
+    pass
+
+
 class Evaluator:
     """Keeps the reference (the base in float32 on the PyTorch engine) loaded while evaluations run."""
 
@@ -25,7 +29,8 @@ class Evaluator:
         self.threads = threads
         self._reference: tuple[Path, Scorer] | None = None
         self._reference_task_score: dict[Path, float] = {}
-        self._lock = threading.Lock()  # one evaluation at a time: they are CPU-bound
+        self._lock = threading.RLock()  # one evaluation at a time (CPU-bound); guards the reference too
+        self._stop = threading.Event()
 
     def stored(self, built: BuiltProfile, spec: ProfileSpec) -> dict[str, Any] | None:
         return quality_store.load(self.builder.cache, built, spec, self.evalset.sha256)
@@ -44,16 +49,26 @@ class Evaluator:
         resident_bytes: int | None = None, progress: Progress | None = None,
     ) -> dict[str, Any]:
         """Measure, store in the artifact's manifest, return the record."""
+
+        def tick(n: int) -> None:
+            # Checked after every window and task item, so shutdown never waits long for an evaluation.
+            if self._stop.is_set():
+                raise EvaluationCancelled(name)
+            if progress is not None:
+                progress(n)
+
         with self._lock:
+            if self._stop.is_set():
+                raise EvaluationCancelled(name)
             ref_path, reference = self._reference_for(name)
-            if ref_path not in self._reference_task_score:
-                self._reference_task_score[ref_path] = task_score(reference, self.evalset.tasks, progress)
-            elif progress:
-                progress(len(self.evalset.tasks))
             log.info("evaluating profile %s against %s", name, ref_path)
+            if ref_path not in self._reference_task_score:
+                self._reference_task_score[ref_path] = task_score(reference, self.evalset.tasks, tick)
+            else:
+                tick(len(self.evalset.tasks))
             scorer = Scorer(engine)
             try:
-                record = evaluate(scorer, reference, self.evalset, progress=progress,
+                record = evaluate(scorer, reference, self.evalset, progress=tick,
                                   reference_task_score=self._reference_task_score[ref_path])
             finally:
                 scorer.close()
@@ -65,12 +80,19 @@ class Evaluator:
                      record["decode_tokens_per_s"])
             return record
 
+    def shutdown(self) -> None:
+        """Stop a running evaluation (before the engines it uses are closed) and free the reference."""
+        self._stop.set()
+        with self._lock:
+            self.release()
+
     def release(self) -> None:
-        """Free the reference's memory (about 540 MB for the default model)."""
-        if self._reference is not None:
-            self._reference[1].engine.close()
-            self._reference = None
-            gc.collect()
+        """Free the reference's memory (about 540 MB for the default model) once no evaluation uses it."""
+        with self._lock:
+            if self._reference is not None:
+                self._reference[1].engine.close()
+                self._reference = None
+                gc.collect()
 
 
 def gate_failures(record: dict[str, Any] | None, spec: ProfileSpec) -> list[str]:

@@ -15,7 +15,7 @@ from shrinkserve.compression.profiles import BuiltProfile, ProfileBuilder, Profi
 from shrinkserve.server.engines.base import Engine, Sequence
 from shrinkserve.server.errors import APIError, not_ready
 from shrinkserve.server.metrics import Metrics
-from shrinkserve.server.quality_runner import Evaluator, gate_failures
+from shrinkserve.server.quality_runner import EvaluationCancelled, Evaluator, gate_failures
 from shrinkserve.server.settings import Settings
 
 log = logging.getLogger("shrinkserve.registry")
@@ -118,6 +118,8 @@ class Registry:
             return
         try:
             record = self.evaluator.run(rt.name, rt.built, rt.spec, rt.engine, resident_bytes=rt.resident_bytes)
+        except EvaluationCancelled:
+            return
         except Exception:  # a failed measurement leaves the profile serving, unmeasured
             log.exception("evaluating profile %s failed", rt.name)
             return
@@ -182,7 +184,7 @@ class Registry:
 
     def close(self) -> None:
         self._closed = True
-        self.evaluator.release()
+        self.evaluator.shutdown()
         for rt in self.profiles.values():
             if rt.engine is not None:
                 rt.engine.close()

@@ -172,3 +172,22 @@ def test_eval_and_report_commands(cache_dir: Path, tmp_path: Path) -> None:
 
     height, width, _ = matplotlib.image.imread(png).shape
     assert width > 800 and height > 600
+
+
+def test_shutdown_during_an_evaluation_is_clean(tmp_path: Path, cache_dir: Path) -> None:
+    """SIGTERM while a profile is being measured: the evaluation stops, engines close after it, exit is clean."""
+    config = {"profiles": {"q8_0": {"method": "gguf:q8_0"}}, "evaluation": {"on_build": True}}
+    proc = ServerProcess(config, cache_dir, tmp_path / "server.log")
+    try:
+        proc.wait_ready(timeout=600)
+        deadline = time.monotonic() + 120
+        while "evaluating profile q8_0" not in proc.log_path.read_text() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert "evaluating profile q8_0" in proc.log_path.read_text(), proc.log()
+        time.sleep(1)
+    finally:
+        code = proc.stop()
+    assert code in (0, -signal.SIGTERM), proc.log()
+    log = proc.log_path.read_text()
+    assert "Traceback" not in log, proc.log()
+    assert "profile q8_0: ppl" not in log, "the evaluation finished before the stop: this tested nothing"
