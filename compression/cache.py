@@ -384,12 +384,31 @@ class ArtifactCache:
             # New directory entries are only durable once their parent directories are synced.
             for dirpath, _dirs, _files in os.walk(work):
                 _fsync_path(Path(dirpath), directory=True)
-            os.rename(work, final)
+            try:
+                os.rename(work, final)
+            except OSError as exc:
+                # Only possible when the key lock did not exclude another builder (e.g. a shared volume
+                # mounted without working locks): if what it left verifies, the work is done.
+                winner = self._verify_existing(key, final, exc)
+                shutil.rmtree(work, ignore_errors=True)
+                return winner
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)
             raise
         _fsync_path(self.artifacts_dir, directory=True)
         logger.info("built artifact %s (%s): %d files, %d bytes", key, name, len(files), manifest["bytes"])
+        return Artifact(key=key, path=final, manifest=manifest)
+
+    def _verify_existing(self, key: str, final: Path, rename_error: OSError) -> Artifact:
+        if not final.is_dir():
+            raise rename_error
+        try:
+            manifest = self._verify(key, final)
+        except _Corrupt as e:
+            raise OSError(f"artifact {key}: another builder left {final} and it does not verify ({e}); "
+                          "is file locking working on this volume?") from rename_error
+        logger.warning("artifact %s was built concurrently by another process (file lock not effective?); "
+                       "using its verified copy", key)
         return Artifact(key=key, path=final, manifest=manifest)
 
     def update_manifest(self, key: str, updates: Mapping) -> dict[str, Any]:

@@ -8,6 +8,7 @@ import json
 import logging
 import multiprocessing
 import os
+import shutil
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -308,3 +309,33 @@ def test_concurrent_builders_in_two_processes(tmp_path: Path) -> None:
     assert out[0]["manifest"] == out[1]["manifest"]
     assert out[0]["manifest"]["extra"]["builder_pid"] == int(counter.read_text())
     assert list((root / "tmp").iterdir()) == []
+
+
+def test_builder_that_loses_an_unlocked_race_uses_the_winners_artifact(tmp_path: Path) -> None:
+    """Where file locks do not work (a shared volume mounted without them), two builders can run at once:
+    the slower one's rename fails; it must take the other's verified artifact, not fail the request."""
+    key = cache_key(INPUTS, RECIPE, TOOLS)
+    cache, rival = ArtifactCache(tmp_path), ArtifactCache(tmp_path)
+
+    def build_while_rival_finishes(out: Path) -> None:
+        # the rival bypasses the lock, as a second pod would on a volume without working locks
+        rival._build(key, name="tiny-q4", recipe=RECIPE, inputs=INPUTS, tools=TOOLS, build=CountingBuild())
+        CountingBuild()(out)
+
+    art, hit = _get(cache, build_while_rival_finishes)
+    assert not hit and art.path == cache.path_for(key)
+    assert (art.path / "model.gguf").read_bytes() == PAYLOAD
+    assert list(cache.tmp_dir.iterdir()) == []  # our copy was discarded
+
+    # If what the rival left does not verify, the builder says so instead of serving it.
+    for name in os.listdir(cache.artifacts_dir):
+        shutil.rmtree(cache.artifacts_dir / name)
+
+    def build_while_rival_leaves_junk(out: Path) -> None:
+        (cache.path_for(key)).mkdir()
+        (cache.path_for(key) / "model.gguf").write_bytes(b"junk")
+        CountingBuild()(out)
+
+    with pytest.raises(OSError, match="does not verify"):
+        _get(cache, build_while_rival_leaves_junk)
+    assert list(cache.tmp_dir.iterdir()) == []
