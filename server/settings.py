@@ -6,6 +6,7 @@ from a base and which engine serves it) and routes (URL prefix → profile).
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from importlib import resources
@@ -32,12 +33,25 @@ def default_config_path() -> Path:
     return Path(str(resources.files("shrinkserve.server").joinpath("default_config.yaml")))
 
 
-def default_threads() -> int:
-    # Prefer the CPUs this process may run on (containers and taskset narrow it).
+def cgroup_cpu_limit(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int | None:
+    """Whole CPUs a cgroup v2 quota allows ("200000 100000" → 2), or None when unlimited or unknown."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        quota, period = cpu_max.read_text().split()[:2]
+    except (OSError, ValueError):
+        return None
+    if quota == "max":
+        return None
+    return max(1, math.ceil(int(quota) / int(period)))
+
+
+def default_threads() -> int:
+    # The CPUs this process may run on (taskset narrows them) and, in a container, its CPU quota: a pod
+    # limited to 2 CPUs on a 64-core node would otherwise spin 64 threads on 2 CPUs' worth of time.
+    try:
+        cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - non-Linux
-        return max(1, os.cpu_count() or 1)
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, cgroup_cpu_limit() or cpus))
 
 
 class EvaluationSettings(BaseModel):

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from shrinkserve.server.settings import default_config_path, load_settings
+from shrinkserve.server.settings import cgroup_cpu_limit, default_config_path, load_settings
 from tests.conftest import SHRINKSERVE
 
 
@@ -201,3 +201,13 @@ def test_serve_with_missing_config_exits_with_a_readable_message(tmp_path: Path)
     r = run_cli("serve", "--config", str(tmp_path / "absent.yaml"))
     assert r.returncode == 2
     assert "absent.yaml does not exist" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize(("content", "expected"), [
+    ("200000 100000\n", 2), ("150000 100000\n", 2), ("50000 100000\n", 1), ("max 100000\n", None), ("", None),
+])
+def test_cgroup_cpu_limit(tmp_path: Path, content: str, expected: int | None) -> None:
+    cpu_max = tmp_path / "cpu.max"
+    cpu_max.write_text(content)
+    assert cgroup_cpu_limit(cpu_max) == expected
+    assert cgroup_cpu_limit(tmp_path / "missing") is None
