@@ -4,14 +4,15 @@ or traffic captured by the server (a `.jsonl` capture file: each record's prompt
 from __future__ import annotations
 
 import json
-from importlib import resources
 from pathlib import Path
+
+from shrinkserve.compression import data_file
 
 
 def calibration_file(path: Path | None = None) -> Path:
     if path is not None:
         return path.expanduser()
-    return Path(str(resources.files("shrinkserve.compression").joinpath("data/calibration.txt")))
+    return data_file("calibration.txt")
 
 
 def calibration_samples(tokenizer: object, path: Path | None, samples: int, seq_len: int) -> list[list[int]]:

@@ -17,19 +17,14 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from importlib import resources
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from shrinkserve.compression import data_file
 from shrinkserve.compression.base_model import tool_version
 
 Progress = Callable[[int], None]  # advances a progress bar by n units
-
-
-def data_file(name: str) -> Path:
-    return Path(str(resources.files("shrinkserve.compression").joinpath(f"data/{name}")))
 
 
 @dataclass(frozen=True)

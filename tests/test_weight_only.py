@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from shrinkserve.compression.evaluate import heldout_file
+from shrinkserve.compression import data_file
 from tests.conftest import ServerProcess
 
 WEIGHT_ONLY = ["int8", "rtn-g64", "rtn-g32-sym"]
@@ -17,7 +17,7 @@ WEIGHT_ONLY = ["int8", "rtn-g64", "rtn-g32-sym"]
 
 def http_perplexity(server: ServerProcess, profile: str, max_tokens: int = 1024, window: int = 512) -> float:
     """Perplexity of the held-out text's first `max_tokens` tokens, from echo logprobs over real HTTP."""
-    ids = httpx.post(server.url + "/tokenize", json={"model": profile, "prompt": heldout_file().read_text(),
+    ids = httpx.post(server.url + "/tokenize", json={"model": profile, "prompt": data_file("heldout.txt").read_text(),
                                                      "add_special_tokens": False}, timeout=60).json()["tokens"]
     ids = ids[:max_tokens]
     nll, count = 0.0, 0
