@@ -125,6 +125,23 @@ def _fsync_path(path: Path, *, directory: bool = False) -> None:
         os.close(fd)
 
 
+def write_json_atomic(path: Path, data: Any, *, tmp_prefix: str = ".tmp.") -> None:
+    """Replace ``path`` with ``data`` as JSON: readers see the old file or the new one, never half of one."""
+    fd, tmp_name = tempfile.mkstemp(prefix=tmp_prefix, suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+        raise
+    _fsync_path(path.parent, directory=True)
+
+
 def _safe_relpath(rel: str) -> bool:
     p = PurePosixPath(rel)
     return bool(rel) and not p.is_absolute() and ".." not in p.parts and "\\" not in rel
@@ -411,31 +428,38 @@ class ArtifactCache:
                        "using its verified copy", key)
         return Artifact(key=key, path=final, manifest=manifest)
 
-    def update_manifest(self, key: str, updates: Mapping) -> dict[str, Any]:
-        """Merge top-level ``updates`` into the manifest atomically; "files" and derived fields are fixed."""
-        bad = _PROTECTED_FIELDS.intersection(updates)
-        if bad:
-            raise ValueError(f"update_manifest may not change {sorted(bad)}")
+    def manifest(self, key: str) -> dict[str, Any] | None:
+        """The artifact's manifest as stored, without re-hashing its files (metadata reads), or None."""
+        try:
+            return self._read_manifest(self.path_for(key))
+        except (OSError, ValueError):
+            return None
+
+    def update_manifest(
+        self, key: str, updates: Mapping | Callable[[dict[str, Any]], Mapping],
+    ) -> dict[str, Any]:
+        """Merge top-level ``updates`` into the manifest atomically; "files" and derived fields are fixed.
+
+        ``updates`` may be a function of the current manifest, called under the key's lock, so a
+        read-modify-write of a nested field cannot lose a concurrent writer's change.
+        """
+        def checked(changes: Mapping) -> Mapping:
+            bad = _PROTECTED_FIELDS.intersection(changes)
+            if bad:
+                raise ValueError(f"update_manifest may not change {sorted(bad)}")
+            return changes
+
+        if not callable(updates):
+            checked(updates)
         path = self.path_for(key)
         with self._acquire(key):
             try:
                 manifest = self._read_manifest(path)
             except FileNotFoundError as e:
                 raise KeyError(f"no artifact {key}") from e
-            manifest.update(_jsonable(dict(updates)))
-            fd, tmp_name = tempfile.mkstemp(prefix=f".{MANIFEST_NAME}.", suffix=".tmp", dir=path)
-            try:
-                with os.fdopen(fd, "w", encoding="utf-8") as f:
-                    json.dump(manifest, f, indent=2, sort_keys=True)
-                    f.write("\n")
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp_name, path / MANIFEST_NAME)
-            except BaseException:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp_name)
-                raise
-            _fsync_path(path, directory=True)
+            changes = checked(updates(manifest)) if callable(updates) else updates
+            manifest.update(_jsonable(dict(changes)))
+            write_json_atomic(path / MANIFEST_NAME, manifest, tmp_prefix=f".{MANIFEST_NAME}.")
         return manifest
 
     def clean_tmp(self, max_age: float = STALE_TMP_SECONDS) -> int:

@@ -8,15 +8,12 @@ A profile with no artifact of its own (a file or checkpoint served as-is) keeps 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from shrinkserve.compression.cache import ArtifactCache
+from shrinkserve.compression.cache import ArtifactCache, write_json_atomic
 from shrinkserve.compression.profiles import BuiltProfile, ProfileSpec
 
 
@@ -33,8 +30,7 @@ def load(
 ) -> dict | None:
     """The stored record, or None; with `eval_set_sha256`, only a record measured on that eval set."""
     if built.key is not None:
-        art = cache.lookup(built.key)
-        records = (art.manifest.get("quality") or {}) if art is not None else {}
+        records = (cache.manifest(built.key) or {}).get("quality") or {}
     else:
         path = _sidecar(cache, built)
         records = json.loads(path.read_text()) if path.is_file() else {}
@@ -46,21 +42,10 @@ def load(
 
 def save(cache: ArtifactCache, built: BuiltProfile, spec: ProfileSpec, record: dict[str, Any]) -> None:
     if built.key is not None:
-        art = cache.lookup(built.key)
-        current = dict((art.manifest.get("quality") or {}) if art is not None else {})
-        current[variant(spec)] = record
-        cache.update_manifest(built.key, {"quality": current})
+        cache.update_manifest(built.key, lambda m: {"quality": {**(m.get("quality") or {}), variant(spec): record}})
         return
     path = _sidecar(cache, built)
     path.parent.mkdir(parents=True, exist_ok=True)
     records = json.loads(path.read_text()) if path.is_file() else {}
     records[variant(spec)] = record
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(records, f, indent=2, sort_keys=True)
-        os.replace(tmp, path)  # readers see the old file or the new one, never half of one
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    write_json_atomic(path, records)
