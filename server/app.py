@@ -141,8 +141,9 @@ def create_app(settings: Settings) -> FastAPI:
         limits = rt.spec.gate.model_dump(exclude_none=True)
         if rt.quality is None:
             return P.GateStatus(limits=limits)
-        return P.GateStatus(limits=limits, passed=not rt.gate_failures, failures=rt.gate_failures,
-                            served_anyway=bool(rt.gate_failures) and rt.state != "rejected")
+        failures = rt.gate_failures
+        return P.GateStatus(limits=limits, passed=not failures, failures=failures,
+                            served_anyway=bool(failures) and rt.state != "rejected")
 
     app.include_router(openai_router(None))
     for prefix, profile in settings.routes.items():
@@ -154,9 +155,11 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.get("/ready")
     async def ready() -> JSONResponse:
-        states = {n: {"state": rt.state, "load": rt.spec.load, **({"error": rt.error} if rt.error else {}),
-                      **({"gate_failures": rt.gate_failures} if rt.gate_failures else {})}
-                  for n, rt in registry.profiles.items()}
+        states = {}
+        for n, rt in registry.profiles.items():
+            failures = rt.gate_failures
+            states[n] = {"state": rt.state, "load": rt.spec.load, **({"error": rt.error} if rt.error else {}),
+                         **({"gate_failures": failures} if failures else {})}
         ok = registry.ready
         return JSONResponse({"ready": ok, "profiles": states}, status_code=200 if ok else 503)
 

@@ -50,11 +50,14 @@ class ProfileRuntime:
     resident_bytes: int | None = None
     routes: list[str] = field(default_factory=list)
     quality: dict | None = None  # the evaluation record for the current eval set, once measured
-    gate_failures: list[str] = field(default_factory=list)
     waiting: int = 0
     running: int = 0
     _slots: asyncio.Queue[Sequence] | None = None
     _ready: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def gate_failures(self) -> list[str]:
+        return gate_failures(self.quality, self.spec)
 
     def check_ready(self) -> None:
         if self.state == "ready":
@@ -128,10 +131,10 @@ class Registry:
     def _apply_quality(self, rt: ProfileRuntime, record: dict | None) -> None:
         """Publish the record; a profile failing its gate stops serving unless the operator overrides."""
         rt.quality = record
-        rt.gate_failures = gate_failures(record, rt.spec)
-        self.metrics.set_quality(rt.name, record, rejected=bool(rt.gate_failures))
-        if rt.gate_failures and not self.settings.evaluation.serve_rejected:
-            log.warning("profile %s rejected by its quality gate: %s", rt.name, "; ".join(rt.gate_failures))
+        failures = rt.gate_failures
+        self.metrics.set_quality(rt.name, record, rejected=bool(failures))
+        if failures and not self.settings.evaluation.serve_rejected:
+            log.warning("profile %s rejected by its quality gate: %s", rt.name, "; ".join(failures))
             rt.state = "rejected"
             self.metrics.profile_ready.labels(rt.name).set(0)
 
