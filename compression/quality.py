@@ -168,22 +168,26 @@ def compare(reference: Scorer, engine: Scorer, evalset: EvalSet, progress: Progr
     }
 
 
-def decode_speed(engine: Scorer, tokens: int = 32, rounds: int = 3) -> float:
-    """Greedy single-stream decode tokens/s after a short prompt (prefill not counted), best of `rounds`:
-    on a shared 2-core box one round swings by ±20%, the best is what the profile can do."""
+SPEED_PROMPT = "The history of the old city begins"
+
+
+def greedy_decode(engine: Any, seq: Any, tokens: int) -> float:
+    """Restart `seq` on SPEED_PROMPT and decode `tokens` greedy tokens; returns the decode seconds
+    (prefill not counted). Shared by `decode_speed` and scripts/bench_decode.py."""
     from shrinkserve.server.generation import prefill
 
-    seq = engine.seq
-    best = 0.0
-    for _ in range(rounds):
-        seq.reset()
-        prompt = engine.tokenize("The history of the old city begins", add_special=True)
-        logits, _ = prefill(engine.engine, seq, prompt, reuse_prefix=False)
-        started = time.perf_counter()
-        for _ in range(tokens):
-            logits = seq.forward([int(np.argmax(logits))], all_logits=False)[0]
-        best = max(best, tokens / (time.perf_counter() - started))
-    return best
+    seq.reset()
+    logits, _ = prefill(engine, seq, engine.tokenize(SPEED_PROMPT, add_special=True), reuse_prefix=False)
+    started = time.perf_counter()
+    for _ in range(tokens):
+        logits = seq.forward([int(np.argmax(logits))], all_logits=False)[0]
+    return time.perf_counter() - started
+
+
+def decode_speed(engine: Scorer, tokens: int = 32, rounds: int = 3) -> float:
+    """Greedy single-stream decode tokens/s, best of `rounds`: on a shared 2-core box one round swings
+    by ±20%, the best is what the profile can do."""
+    return max(tokens / greedy_decode(engine.engine, engine.seq, tokens) for _ in range(rounds))
 
 
 def evaluate(

@@ -1,7 +1,8 @@
 """Single-stream decode tokens/s of several profiles, measured side by side in one process.
 
 Rounds alternate between the profiles, so a noisy neighbour or a CPU-frequency change on a shared box
-hits all of them alike; the table shows the best and the median round of each.
+hits all of them alike; each round restarts on the same short prompt (`quality.greedy_decode`, what
+`shrinkserve eval` measures too); the table shows the best and the median round of each.
 
     .venv/bin/python scripts/bench_decode.py --config scripts/frontier.yaml \
         --profile base-torch --profile int8 --profile rtn-g64 --profile gptq-g64 --profile awq-g64
@@ -11,14 +12,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from pathlib import Path
-
-import numpy as np
 
 from shrinkserve.compression.cache import ArtifactCache
 from shrinkserve.compression.profiles import ProfileBuilder
-from shrinkserve.server.generation import prefill
+from shrinkserve.compression.quality import greedy_decode
 from shrinkserve.server.registry import load_engine
 from shrinkserve.server.settings import load_settings
 
@@ -38,21 +36,11 @@ def main() -> None:
     for name in args.profile:
         spec = settings.profiles[name]
         engine = load_engine(builder.build(name), spec, settings.threads)
-        seq = engine.new_sequence()
-        logits, _ = prefill(engine, seq, engine.tokenize("The history of the old city begins"), reuse_prefix=False)
-        runs[name] = (engine, seq, logits)
+        runs[name] = (engine, engine.new_sequence())
     times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(args.rounds):
-        for name, (engine, seq, logits) in runs.items():
-            if len(seq.tokens) + args.tokens > 512:  # keep the context short and alike for every round
-                seq.reset()
-                logits, _ = prefill(engine, seq, engine.tokenize("The history of the old city begins"),
-                                    reuse_prefix=False)
-            started = time.perf_counter()
-            for _ in range(args.tokens):
-                logits = seq.forward([int(np.argmax(logits))], all_logits=False)[0]
-            times[name].append((time.perf_counter() - started) / args.tokens)
-            runs[name] = (engine, seq, logits)
+        for name, (engine, seq) in runs.items():
+            times[name].append(greedy_decode(engine, seq, args.tokens) / args.tokens)
     first = args.profile[0]
     best_first = min(times[first])
     print(f"threads {settings.threads}, {args.rounds} rounds x {args.tokens} tokens, interleaved\n")
