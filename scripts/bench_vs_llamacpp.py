@@ -133,7 +133,10 @@ def llamacpp_argv(gguf: Path, threads: int, port: int) -> list[str]:
 def shrinkserve_argv(gguf: Path, threads: int, port: int, workdir: Path) -> list[str]:
     config = workdir / "shrinkserve-bench.yaml"
     profile = {"method": "gguf:file", "path": str(gguf), "threads": threads}
-    config.write_text(yaml.safe_dump({"profiles": {MODEL_NAME: profile}}, sort_keys=False))
+    # No quality evaluation: on a fresh file it would run in the background and share the cores with
+    # the requests being timed (it halved our decode figure before this was set).
+    config.write_text(yaml.safe_dump({"profiles": {MODEL_NAME: profile}, "evaluation": {"on_build": False}},
+                                     sort_keys=False))
     return [shrinkserve_exe(), "serve", "--host", HOST, "--port", str(port), "--config", str(config)]
 
 
