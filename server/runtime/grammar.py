@@ -324,8 +324,10 @@ class GrammarTokenizer:
 
 
 def _first_line(message: str) -> str:
-    # Even without verbose errors some messages carry a parser dump after the first line.
-    return message.strip().split("\n", 1)[0][:500]
+    """The message without llguidance's parser/grammar dumps, on one line, bounded."""
+    for marker in ("<state>", "<grammar>"):
+        message = message.split(marker, 1)[0]
+    return " ".join(message.split())[:500]
 
 
 class CompiledGrammar:
