@@ -27,6 +27,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from shrinkserve.server.runtime.grammar import JSON_OPTIONS
+
 __all__ = [
     "HERMES",
     "SMOLLM2",
@@ -406,8 +408,6 @@ def _call_schema(tools: Sequence[ToolSpec], *, min_items: int, max_items: int | 
             "additionalProperties": False,
         })
     call = alternatives[0] if len(alternatives) == 1 else {"anyOf": alternatives}
-    from shrinkserve.server.runtime.grammar import JSON_OPTIONS
-
     # Lenient unless a tool asks for strict: then an unenforceable keyword is a 400, as for response_format.
     options = {**JSON_OPTIONS, "lenient": not any(t.strict for t in tools)}
     if array:
