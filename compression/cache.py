@@ -5,10 +5,18 @@ Layout under ``root``::
     artifacts/<key>/   finished artifacts: the files written by the build + manifest.json
     tmp/               build scratch and directories being deleted
     locks/<key>.lock   per-key file locks (never deleted: removing a lock file others may hold is racy)
+    corrupt/<key>.*    one marker per damaged artifact discarded and not yet reported (see below)
 
 An artifact directory only ever appears through an atomic ``os.rename`` of a complete, fsynced
 temp directory, and only ever disappears through a rename into ``tmp/``, so readers see either a
 whole artifact or none.
+
+Crash hygiene: a ``tmp/build-<key>-*`` directory whose key lock can be taken has no live builder (a
+killed process's flock is released by the kernel), so every lookup removes it at once; a crash loop
+cannot fill the disk with half-built artifacts. A damaged artifact found by any lookup is discarded and
+leaves a marker in ``corrupt/``; the next caller that reports events (``get_or_build``'s ``on_event``,
+``lookup(on_event=...)``) turns each marker into one "corrupt" event, so a corruption found by
+``shrinkserve profiles`` in another process is still counted by the server that rebuilds it.
 """
 
 from __future__ import annotations
@@ -39,6 +47,8 @@ logger = logging.getLogger("shrinkserve.cache")
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = 1
 CHUNK_SIZE = 4 * 1024 * 1024
+# Build scratch of a dead builder goes at once (see clean_tmp); this age only applies to "discard-" dirs,
+# whose owner cannot be checked.
 STALE_TMP_SECONDS = 3600.0
 
 # Keys become directory and lock-file names; refusing anything else rules out path traversal.
@@ -47,6 +57,13 @@ _KEY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 _PROTECTED_FIELDS = frozenset({"key", "files", "bytes", "format"})
 _BUILD_PREFIX = "build-"
 _DISCARD_PREFIX = "discard-"
+_MARKER_SUFFIX = ".json"
+
+# Work directories of builds running in THIS process. flock is per open file, so another thread of this
+# process cannot take a key lock we hold, but the thread that holds it can (filelock is re-entrant): a
+# build function that looks up another artifact must not have its own scratch cleaned away.
+_ACTIVE_BUILDS: set[str] = set()
+_ACTIVE_BUILDS_LOCK = threading.Lock()
 
 
 def _json_default(obj: Any) -> Any:
@@ -185,8 +202,9 @@ class ArtifactCache:
         self.artifacts_dir = self.root / "artifacts"
         self.tmp_dir = self.root / "tmp"
         self.locks_dir = self.root / "locks"
+        self.corrupt_dir = self.root / "corrupt"
         self.lock_timeout = lock_timeout
-        for d in (self.artifacts_dir, self.tmp_dir, self.locks_dir):
+        for d in (self.artifacts_dir, self.tmp_dir, self.locks_dir, self.corrupt_dir):
             d.mkdir(parents=True, exist_ok=True)
         # One FileLock per key per cache object: a second instance on the same file in the same
         # process would deadlock on flock instead of re-entering.
@@ -265,8 +283,9 @@ class ArtifactCache:
         return manifest
 
     def _lookup(self, key: str) -> tuple[Artifact | None, bool]:
-        """Return ``(artifact or None, corruption detected)``."""
+        """Return ``(artifact or None, corruption detected)``; removes dead builders' scratch first."""
         path = self.path_for(key)
+        self.clean_tmp()
         try:
             st = path.stat()
         except FileNotFoundError:
@@ -295,11 +314,42 @@ class ArtifactCache:
             if st is None or (st.st_dev, st.st_ino) != ident:
                 logger.debug("artifact %s changed during verification; not discarding", key)
                 return False
-            logger.warning("artifact %s: %s; discarding %s", key, reason, path)
+            logger.warning("artifact %s: corrupt: %s; discarding %s", key, reason, path)
             self._discard_dir(key, path)
+            self._mark_corrupt(key, reason)
             return True
         finally:
             self._lock(key).release()
+
+    def _mark_corrupt(self, key: str, reason: str) -> None:
+        # One file per discovery (never read-modify-write): takers claim markers by unlinking them, so
+        # each discovery is reported exactly once whichever processes find and report it.
+        marker = self.corrupt_dir / f"{key}.{uuid.uuid4().hex}{_MARKER_SUFFIX}"
+        try:
+            write_json_atomic(marker, {"key": key, "reason": reason, "pid": os.getpid(),
+                                       "time": datetime.now(UTC).isoformat(timespec="seconds")})
+        except OSError as exc:  # reporting must never turn a recoverable corruption into a failure
+            logger.warning("artifact %s: could not record the corruption (%s)", key, exc)
+
+    def _corrupt_markers(self, key: str) -> list[Path]:
+        prefix = f"{key}."
+        try:
+            names = os.listdir(self.corrupt_dir)
+        except FileNotFoundError:
+            return []
+        return [self.corrupt_dir / n for n in names if n.startswith(prefix) and n.endswith(_MARKER_SUFFIX)
+                and not n.startswith(".")]
+
+    def take_corrupt_events(self, key: str) -> int:
+        """Claim the unreported corruptions of ``key`` (found by any process); return how many."""
+        taken = 0
+        for marker in self._corrupt_markers(key):
+            try:
+                marker.unlink()
+            except FileNotFoundError:
+                continue  # another reporter claimed it
+            taken += 1
+        return taken
 
     def _discard_dir(self, key: str, path: Path) -> None:
         # Rename first so that no reader ever sees a half-deleted artifact directory.
@@ -312,9 +362,25 @@ class ArtifactCache:
 
     # -- public API ------------------------------------------------------------------------------
 
-    def lookup(self, key: str) -> Artifact | None:
-        """Return the artifact if every manifest-listed file verifies; discard it and return None if not."""
-        return self._lookup(key)[0]
+    def lookup(self, key: str, on_event: Callable[[str], None] | None = None) -> Artifact | None:
+        """Return the artifact if every manifest-listed file verifies; discard it and return None if not.
+
+        With ``on_event``, every unreported corruption of ``key`` (this lookup's or an earlier one's, from
+        any process) is reported as "corrupt"; without it the markers wait for a reporting caller.
+        """
+        artifact = self._lookup(key)[0]
+        if on_event is not None:
+            for _ in range(self.take_corrupt_events(key)):
+                on_event("corrupt")
+        return artifact
+
+    def lookup_state(self, key: str) -> tuple[Artifact | None, str]:
+        """``(artifact, state)`` for status displays: "cached", "missing", or "corrupt" (damaged, discarded
+        and not rebuilt yet). Reports nothing: the corruption stays pending for the process that rebuilds."""
+        artifact, corrupt = self._lookup(key)
+        if artifact is not None:
+            return artifact, "cached"
+        return None, "corrupt" if corrupt or self._corrupt_markers(key) else "missing"
 
     def get_or_build(
         self,
@@ -329,7 +395,9 @@ class ArtifactCache:
     ) -> tuple[Artifact, bool]:
         """Return ``(artifact, cache_hit)``, building into a temp dir under the key's lock on a miss.
 
-        ``on_event`` receives "hit", "miss" or "corrupt" (a damaged artifact was found and discarded).
+        ``on_event`` receives "hit", "miss" or "corrupt" (a damaged artifact was found and discarded, by
+        this call or by an earlier lookup in any process that did not report it). Without ``on_event``
+        the corruption stays pending for the next caller that reports.
         """
 
         def emit(event: str) -> None:
@@ -337,9 +405,10 @@ class ArtifactCache:
                 on_event(event)
 
         def verified() -> Artifact | None:
-            artifact, corrupt = self._lookup(key)
-            if corrupt:
-                emit("corrupt")
+            artifact, _corrupt = self._lookup(key)
+            if on_event is not None:  # a caller that reports nothing leaves the markers to one that does
+                for _ in range(self.take_corrupt_events(key)):
+                    emit("corrupt")
             if artifact is not None:
                 emit("hit")
             return artifact
@@ -368,6 +437,8 @@ class ArtifactCache:
         final = self.path_for(key)
         # The key in the name lets clean_tmp tell, via the key lock, whether a builder is still alive.
         work = Path(tempfile.mkdtemp(prefix=f"{_BUILD_PREFIX}{key}-", dir=self.tmp_dir))
+        with _ACTIVE_BUILDS_LOCK:
+            _ACTIVE_BUILDS.add(str(work))
         try:
             started = time.perf_counter()
             extra = build(work)
@@ -412,6 +483,9 @@ class ArtifactCache:
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)
             raise
+        finally:
+            with _ACTIVE_BUILDS_LOCK:
+                _ACTIVE_BUILDS.discard(str(work))
         _fsync_path(self.artifacts_dir, directory=True)
         logger.info("built artifact %s (%s): %d files, %d bytes", key, name, len(files), manifest["bytes"])
         return Artifact(key=key, path=final, manifest=manifest)
@@ -463,36 +537,61 @@ class ArtifactCache:
         return manifest
 
     def clean_tmp(self, max_age: float = STALE_TMP_SECONDS) -> int:
-        """Remove temp dirs older than ``max_age`` seconds left by crashed processes; return the count."""
+        """Remove scratch left by dead processes; return how many entries went.
+
+        ``build-<key>-*``: removed as soon as the key lock can be taken (its builder is gone: the kernel
+        drops a killed process's flock) and it is not a build of this process, whatever its age.
+        ``discard-*``: directories renamed away for deletion, removed once older than ``max_age`` seconds:
+        their owner cannot be checked (the chart's seed-cache init container copies into one while another
+        pod sharing the volume may be looking up), and ours are deleted right after the rename anyway.
+        Anything else is left alone.
+        """
         removed = 0
         now = time.time()
-        for entry in self.tmp_dir.iterdir():
-            try:
-                if now - entry.stat().st_mtime < max_age:
-                    continue
-            except FileNotFoundError:
-                continue
+        try:
+            entries = list(self.tmp_dir.iterdir())
+        except FileNotFoundError:
+            return 0
+        for entry in entries:
             name = entry.name
             if name.startswith(_BUILD_PREFIX):
-                # Builds can legitimately run for hours; the key lock says whether the builder lives.
                 key = name[len(_BUILD_PREFIX) :].rsplit("-", 1)[0]
-                if not _KEY_RE.fullmatch(key):
+                if not _KEY_RE.fullmatch(key) or not self._remove_dead_build(key, entry):
                     continue
-                try:
-                    self._acquire(key, timeout=0)
-                except filelock.Timeout:
-                    continue
-                try:
-                    shutil.rmtree(entry, ignore_errors=True)
-                finally:
-                    self._lock(key).release()
             elif name.startswith(_DISCARD_PREFIX):
+                try:
+                    if now - entry.stat().st_mtime < max_age:
+                        continue
+                except FileNotFoundError:
+                    continue
                 shutil.rmtree(entry, ignore_errors=True)
             else:
                 continue
             removed += 1
             logger.info("removed stale temp dir %s", entry)
         return removed
+
+    def _remove_dead_build(self, key: str, entry: Path) -> bool:
+        with _ACTIVE_BUILDS_LOCK:
+            if str(entry) in _ACTIVE_BUILDS:
+                return False
+        lock = self._lock(key)
+        if lock.is_locked:  # this thread holds the key (a lookup from inside a build or update)
+            return False
+        try:
+            lock.acquire(timeout=0)
+        except filelock.Timeout:
+            return False  # a live builder (another process or thread) owns it
+        try:
+            with _ACTIVE_BUILDS_LOCK:  # re-check: a build of ours may have started before we locked
+                if str(entry) in _ACTIVE_BUILDS:
+                    return False
+            if not entry.exists():
+                return False
+            shutil.rmtree(entry, ignore_errors=True)
+            return True
+        finally:
+            lock.release()
 
     def remove(self, key: str) -> bool:
         """Delete an artifact; return whether it existed."""
@@ -506,6 +605,7 @@ class ArtifactCache:
     # Defined last: inside the class body, later annotations would otherwise see this method as `list`.
     def list(self) -> list[Artifact]:
         """All artifacts whose manifest is readable (files are not verified), sorted by key."""
+        self.clean_tmp()
         out: list[Artifact] = []
         for entry in sorted(self.artifacts_dir.iterdir()):
             if not entry.is_dir() or not _KEY_RE.fullmatch(entry.name):

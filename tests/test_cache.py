@@ -9,6 +9,8 @@ import logging
 import multiprocessing
 import os
 import shutil
+import signal
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -129,7 +131,8 @@ def test_truncated_file_is_detected_and_rebuilt(tmp_path: Path, caplog: pytest.L
     assert not art.path.exists()
     assert list((tmp_path / "tmp").iterdir()) == []
 
-    # Corrupt again, this time found by get_or_build itself.
+    # Rebuilt by a caller that reports nothing: the corruption stays pending. Corrupt again, this time
+    # found by get_or_build itself, which reports both.
     _get(cache, build)
     assert build.calls == 2
     with open(gguf, "r+b") as f:
@@ -138,7 +141,7 @@ def test_truncated_file_is_detected_and_rebuilt(tmp_path: Path, caplog: pytest.L
     art3, hit = _get(cache, build, events)
     assert not hit
     assert build.calls == 3
-    assert events == ["corrupt", "miss"]
+    assert events == ["corrupt", "corrupt", "miss"]
     assert art3.file("model.gguf").read_bytes() == PAYLOAD
     assert cache.lookup(art.key) is not None
 
@@ -163,7 +166,7 @@ def test_missing_file_and_missing_manifest_are_detected(tmp_path: Path) -> None:
     build = CountingBuild()
     art, _ = _get(cache, build)
     (art.path / "tokenizer" / "tokenizer.json").unlink()
-    assert cache.lookup(art.key) is None
+    assert cache.lookup(art.key, on_event=lambda e: None) is None  # reported here
 
     art, _ = _get(cache, build)
     (art.path / "manifest.json").unlink()
@@ -253,20 +256,24 @@ def test_invalid_key_rejected(tmp_path: Path) -> None:
             cache.lookup(bad)
 
 
-def test_stale_temp_dirs_cleaned_on_init(tmp_path: Path) -> None:
+def test_dead_builders_scratch_is_removed_at_once(tmp_path: Path) -> None:
     ArtifactCache(tmp_path)
     key = cache_key(INPUTS, RECIPE, TOOLS)
-    stale = tmp_path / "tmp" / f"build-{key}-abc123"
-    fresh = tmp_path / "tmp" / f"build-{key}-def456"
-    for d in (stale, fresh):
+    fresh = tmp_path / "tmp" / f"build-{key}-def456"  # seconds old, but nobody holds the key's lock
+    discard = tmp_path / "tmp" / f"discard-seed-{key}-0123"  # e.g. the chart's seed copy: owner unknown
+    stale_discard = tmp_path / "tmp" / f"discard-{key}-4567"
+    other = tmp_path / "tmp" / "not-ours"
+    for d in (fresh, discard, stale_discard, other):
         d.mkdir()
         (d / "model.gguf").write_bytes(b"half")
     old = time.time() - 2 * 3600
-    os.utime(stale, (old, old))
+    os.utime(stale_discard, (old, old))
 
     ArtifactCache(tmp_path)
-    assert not stale.exists()
-    assert fresh.exists()
+    assert not fresh.exists() and not stale_discard.exists()
+    assert discard.exists() and other.exists()
+    ArtifactCache(tmp_path).clean_tmp(max_age=0)
+    assert not discard.exists() and other.exists()  # unknown entries are never touched
 
 
 # -- two OS processes building the same key ------------------------------------------------------
@@ -339,3 +346,176 @@ def test_builder_that_loses_an_unlocked_race_uses_the_winners_artifact(tmp_path:
     with pytest.raises(OSError, match="does not verify"):
         _get(cache, build_while_rival_leaves_junk)
     assert list(cache.tmp_dir.iterdir()) == []
+
+
+# -- crash hygiene: kill -9 during a build, then any lookup ----------------------------------------
+
+
+def _build_then_hang(ready: str, out: Path) -> None:
+    (out / "model.gguf").write_bytes(b"\0" * (1 << 20))  # a partial artifact: 1 MiB of scratch
+    Path(ready).write_text(str(os.getpid()))
+    time.sleep(600)
+
+
+def _hanging_builder(root: str, key: str, ready: str) -> None:
+    cache = ArtifactCache(Path(root))
+    cache.get_or_build(key, name="hangs", recipe=RECIPE, inputs=INPUTS, tools=TOOLS,
+                       build=functools.partial(_build_then_hang, ready))
+
+
+def _start_hanging_build(root: Path, key: str, tmp_path: Path) -> multiprocessing.process.BaseProcess:
+    ctx = multiprocessing.get_context("spawn")
+    ready = tmp_path / f"ready-{key[:8]}"
+    proc = ctx.Process(target=_hanging_builder, args=(str(root), key, str(ready)))
+    proc.start()
+    deadline = time.monotonic() + 120
+    while not ready.exists():
+        assert proc.is_alive() and time.monotonic() < deadline, "the builder never started"
+        time.sleep(0.05)
+    return proc
+
+
+def _scratch(root: Path) -> list[str]:
+    return sorted(p.name for p in (root / "tmp").iterdir())
+
+
+def _lookup_kinds(cache: ArtifactCache, key: str) -> dict[str, Any]:
+    return {
+        "lookup": lambda: cache.lookup(key),
+        "lookup_state": lambda: cache.lookup_state(key),
+        "list": lambda: cache.list(),
+        "get_or_build": lambda: _get(cache, CountingBuild()),
+        "other key": lambda: cache.lookup(cache_key(INPUTS, {"other": 1}, TOOLS)),
+    }
+
+
+@pytest.mark.parametrize("kind", ["lookup", "lookup_state", "list", "get_or_build", "other key"])
+def test_kill_9_during_a_build_then_any_lookup_leaves_no_scratch(tmp_path: Path, kind: str) -> None:
+    root = tmp_path / "cache"
+    key = cache_key(INPUTS, RECIPE, TOOLS)
+    proc = _start_hanging_build(root, key, tmp_path)
+    try:
+        cache = ArtifactCache(root, clean_stale_tmp=False)
+        (scratch,) = _scratch(root)
+        assert scratch.startswith(f"build-{key}-")
+        # The builder lives: its lock is held, so no lookup may touch its scratch.
+        _lookup_kinds(cache, key)["lookup"]()
+        cache.list()
+        assert _scratch(root) == [scratch]
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join(timeout=30)
+    assert proc.exitcode == -signal.SIGKILL
+
+    cache = ArtifactCache(root, clean_stale_tmp=False)  # not cleaned by the constructor: by the lookup
+    assert _scratch(root) == [scratch]
+    _lookup_kinds(cache, key)[kind]()
+    assert _scratch(root) == []
+
+
+def test_kill_9_then_profiles_status_leaves_no_scratch(tmp_path: Path) -> None:
+    """`shrinkserve profiles` (ProfileBuilder.status) is a lookup like any other."""
+    from shrinkserve.compression.profiles import BaseSpec, ProfileBuilder, ProfileSpec
+
+    root = tmp_path / "cache"
+    builder = ProfileBuilder(ArtifactCache(root), {"smollm2": BaseSpec()}, {"f16": ProfileSpec(method="gguf:f16")},
+                             threads=1)
+    key = builder.status("f16")["key"]
+    proc = _start_hanging_build(root, key, tmp_path)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.join(timeout=30)
+    assert len(_scratch(root)) == 1
+    assert builder.status("f16")["state"] == "missing"
+    assert _scratch(root) == []
+
+
+def test_own_build_scratch_survives_lookups_during_the_build(tmp_path: Path) -> None:
+    cache = ArtifactCache(tmp_path)
+    other = ArtifactCache(tmp_path, clean_stale_tmp=False)
+    seen: list[bool] = []
+
+    def build(out: Path) -> None:
+        CountingBuild()(out)
+        # Same thread (re-entrant lock), another cache object, another thread: none may clean `out`.
+        cache.lookup(cache_key(INPUTS, {"nested": 1}, TOOLS))
+        cache.list()
+        other.lookup(cache_key(INPUTS, {"nested": 2}, TOOLS))
+        t = threading.Thread(target=lambda: cache.clean_tmp())
+        t.start()
+        t.join()
+        seen.append((out / "model.gguf").exists())
+
+    art, hit = _get(cache, build)
+    assert seen == [True] and not hit
+    assert (art.path / "model.gguf").read_bytes() == PAYLOAD
+
+
+# -- a damaged artifact is reported as corrupt, whoever finds it --------------------------------
+
+
+def _damage(art: Artifact) -> None:
+    with open(art.file("model.gguf"), "r+b") as f:
+        f.truncate(7)
+
+
+def test_corruption_found_by_a_status_lookup_is_counted_by_the_rebuild(tmp_path: Path) -> None:
+    cache = ArtifactCache(tmp_path)
+    build = CountingBuild()
+    art, _ = _get(cache, build)
+    _damage(art)
+
+    assert cache.lookup_state(art.key) == (None, "corrupt")
+    assert not art.path.exists()
+    assert cache.lookup_state(art.key) == (None, "corrupt")  # still pending: not rebuilt, not reported
+    events: list[str] = []
+    rebuilt, hit = _get(cache, build, events)
+    assert events == ["corrupt", "miss"] and not hit and build.calls == 2
+    assert rebuilt.file("model.gguf").read_bytes() == PAYLOAD
+    state = cache.lookup_state(art.key)
+    assert state[1] == "cached"
+    events.clear()
+    _get(cache, build, events)
+    assert events == ["hit"]
+
+
+def _lookup_in_another_process(root: str, key: str) -> None:
+    ArtifactCache(Path(root)).lookup(key)
+
+
+def test_corruption_found_by_another_process_is_counted_here(tmp_path: Path) -> None:
+    cache = ArtifactCache(tmp_path)
+    build = CountingBuild()
+    art, _ = _get(cache, build)
+    _damage(art)
+    proc = multiprocessing.get_context("spawn").Process(target=_lookup_in_another_process,
+                                                        args=(str(tmp_path), art.key))
+    proc.start()
+    proc.join(timeout=120)
+    assert proc.exitcode == 0 and not art.path.exists()
+    events: list[str] = []
+    _get(cache, build, events)
+    assert events == ["corrupt", "miss"]
+
+
+def test_lookup_with_on_event_reports_and_claims(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    cache = ArtifactCache(tmp_path)
+    build = CountingBuild()
+    art, _ = _get(cache, build)
+    _damage(art)
+    reported: list[str] = []
+    with caplog.at_level(logging.WARNING, logger="shrinkserve.cache"):
+        assert cache.lookup(art.key, on_event=reported.append) is None
+    assert reported == ["corrupt"]
+    assert any("corrupt" in r.getMessage() for r in caplog.records if r.name == "shrinkserve.cache")
+    events: list[str] = []
+    _get(cache, build, events)
+    assert events == ["miss"]  # already reported once
+
+    # Two discoveries before anyone reports: two events.
+    for _ in range(2):
+        art, _ = _get(cache, build)
+        _damage(art)
+        assert cache.lookup(art.key) is None
+    events.clear()
+    _get(cache, build, events)
+    assert events == ["corrupt", "corrupt", "miss"]
