@@ -1,4 +1,4 @@
-"""SSE parsing and statistics of shrinkserve.server.bench, on real byte strings (no network)."""
+"""SSE parsing and statistics of shrinkserve.server.tools.bench, on real byte strings (no network)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import asyncio
 import httpx
 import pytest
 
-from shrinkserve.server import bench
+from shrinkserve.server.tools import bench
 
 # Shape of a llama_cpp.server / OpenAI chat stream with include_usage, CRLF line ends and a keep-alive.
 CHAT_STREAM = (

@@ -415,7 +415,7 @@ def test_deployment_security_probes_and_mounts() -> None:
 
 
 def test_gpu_autoscaling_values() -> None:
-    from shrinkserve.server.metrics import Metrics
+    from shrinkserve.server.runtime.metrics import Metrics
 
     docs = docs_of(GPU_VALUES)
     pod = one(docs, "Deployment")["spec"]["template"]["spec"]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shrinkserve.server.engines.base import Engine, Sequence
+from shrinkserve.server.engines.base import CPU, BatchModel, Engine, Slot, Work
 
 
 def _byte_decoder() -> dict[str, int]:
@@ -39,34 +39,51 @@ def token_pieces(tokenizer: object) -> list[bytes]:
     return pieces
 
 
-class TorchSequence(Sequence):
-    def __init__(self, engine: TorchEngine) -> None:
-        self._engine = engine
-        self.tokens: list[int] = []
-        self.prefill_ends: list[int] = []
-        self._cache = engine._new_cache()
+class TorchBatch(BatchModel):
+    """Slots with one transformers cache each, growing with use (no KV is allocated up front)."""
 
-    def forward(self, ids: Seq[int], *, all_logits: bool) -> np.ndarray:
+    def __init__(self, engine: TorchEngine, max_seqs: int, slot_capacity: int) -> None:
+        super().__init__(max_seqs)
+        self._engine = engine
+        self.slot_capacity = slot_capacity
+        self.max_chunk = engine.max_batch
+        self._caches: dict[int, object] = {}
+
+    def _cache(self, slot: Slot) -> object:
+        cache = self._caches.get(slot.id)
+        if cache is None:
+            cache = self._caches[slot.id] = self._engine._new_cache()
+        return cache
+
+    def _drop_from(self, slot: Slot, n: int) -> None:
+        if n == 0:
+            self._caches.pop(slot.id, None)  # freed: the memory goes back with the cache
+        else:
+            self._cache(slot).crop(n - len(slot.tokens))  # type: ignore[attr-defined]  # negative: drop the tail
+
+    def step(self, work: Seq[Work]) -> list[np.ndarray]:
         import torch
 
-        n = len(ids)
-        if not 0 < n <= self._engine.max_batch:
-            raise ValueError(f"forward takes 1..{self._engine.max_batch} tokens, got {n}")
-        with torch.inference_mode():
-            out = self._engine.model(
-                input_ids=torch.tensor([list(ids)], dtype=torch.long),
-                past_key_values=self._cache,
-                use_cache=True,
-                logits_to_keep=0 if all_logits else 1,
-            )
-        self.tokens.extend(ids)
-        return out.logits[0].float().numpy()
+        self.check(work)
+        engine = self._engine
+        rows = []
+        with CPU.use(engine.threads, group="torch", tag=engine.threads) as granted, torch.inference_mode():
+            if torch.get_num_threads() != granted:
+                torch.set_num_threads(granted)
+            for w in work:
+                out = engine.model(
+                    input_ids=torch.tensor([list(w.ids)], dtype=torch.long),
+                    past_key_values=self._cache(w.slot),
+                    use_cache=True,
+                    logits_to_keep=0 if w.all_logits else 1,
+                )
+                rows.append(out.logits[0].float().numpy())
+        for w in work:
+            w.slot.tokens.extend(w.ids)
+        return rows
 
-    def _drop_from(self, n: int) -> None:
-        if n == 0:
-            self._cache = self._engine._new_cache()
-        else:
-            self._cache.crop(n - len(self.tokens))  # negative: how many trailing tokens to drop
+    def close(self) -> None:
+        self._caches.clear()
 
 
 class TorchEngine(Engine):
@@ -84,7 +101,7 @@ class TorchEngine(Engine):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        torch.set_num_threads(threads)
+        self.threads = threads
         self.max_batch = max_batch
         from shrinkserve.compression.quant_format import is_quantized_checkpoint
 
@@ -124,8 +141,8 @@ class TorchEngine(Engine):
     def token_bytes(self, token_id: int) -> bytes:
         return self._pieces[token_id]
 
-    def new_sequence(self) -> TorchSequence:
-        return TorchSequence(self)
+    def new_batch(self, max_seqs: int, slot_capacity: int) -> TorchBatch:
+        return TorchBatch(self, max_seqs, min(slot_capacity, self.context_length))
 
     def close(self) -> None:
         self.model = None  # type: ignore[assignment]

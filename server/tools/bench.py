@@ -4,7 +4,7 @@ Sends `requests` streaming chat/completions requests with at most `concurrency` 
 from the client's side of the socket, what a user would feel: time to first token (TTFT), inter-token
 latency (ITL), per-stream decode speed and aggregate throughput.
 
-Usage: ``python -m shrinkserve.server.bench --model NAME [--concurrency 4 ...]`` (also ``shrinkserve bench``).
+Usage: ``python -m shrinkserve.server.tools.bench --model NAME [--concurrency 4 ...]`` (also ``shrinkserve bench``).
 """
 
 from __future__ import annotations
