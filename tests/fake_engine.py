@@ -54,7 +54,7 @@ class FakeBatch(BatchModel):
             self.released.append(slot.id)
 
     def row(self, history: Sequence[int], batched: bool) -> np.ndarray:
-        key = hashlib.sha256(np.asarray(history[-4:] + [len(history)], dtype=np.int64).tobytes()).digest()
+        key = hashlib.sha256(np.asarray([*history[-4:], len(history)], dtype=np.int64).tobytes()).digest()
         row = np.random.default_rng(int.from_bytes(key[:8], "little")).standard_normal(VOCAB).astype(np.float32)
         row[EOS] -= 4.0  # EOS only when scripted or sampled by chance
         script = self.engine.scripts.get(tuple(history[: self.engine.prompt_len(history)]))

@@ -21,7 +21,7 @@ from shrinkserve.server.runtime.types import (
     SamplingParams,
     Step,
 )
-from tests.fake_engine import EOS, VOCAB, Z, FakeEngine, ids_of
+from tests.fake_engine import EOS, VOCAB, FakeEngine, ids_of
 
 
 def greedy(max_tokens: int = 8, **kw: object) -> SamplingParams:
@@ -195,7 +195,7 @@ def test_batched_rows_equal_solo_rows_and_decode_is_one_forward(engine: FakeEngi
 def test_each_row_keeps_its_own_stop_seed_and_logprobs(engine: FakeEngine) -> None:
     a, b = ids_of("ab"), ids_of("cd")
     engine.script(a, ids_of("xyz!q"))
-    engine.script(b, ids_of("héllo") + [EOS])
+    engine.script(b, [*ids_of("héllo"), EOS])
     core = make_core(engine)
     try:
         async def go() -> tuple[list[Step], list[Step]]:
@@ -360,7 +360,7 @@ def test_drain_finishes_then_aborts_and_refuses_new_work(engine: FakeEngine) -> 
 def test_finished_generations_reach_observers(engine: FakeEngine) -> None:
     seen: list[FinishedGeneration] = []
     prompt = ids_of("cap")
-    engine.script(prompt, ids_of("ok") + [EOS])
+    engine.script(prompt, [*ids_of("ok"), EOS])
     core = make_core(engine, observers=[seen.append])
     req = GenerationRequest(prompt, greedy(max_tokens=10), capture_top_k=3)
     try:
@@ -386,3 +386,23 @@ def test_echo_prompt_logprobs_and_zero_max_tokens(engine: FakeEngine) -> None:
     lp = step.prompt_logprobs
     assert lp is not None and [t.id for t in lp] == prompt and lp[0].logprob is None
     assert all(t.logprob is not None and t.logprob <= 0 for t in lp[1:])
+
+
+def test_thread_tuner_prefers_the_faster_count_and_rarely_retries_the_slower() -> None:
+    from shrinkserve.server.engines.base import ThreadTuner
+
+    tuner = ThreadTuner([1, 2], patience=20)
+    cost = {1: 0.01, 2: 1.0}  # 2 threads spinning against a busy neighbour
+    picks = []
+    for _ in range(6000):
+        t = tuner.pick(1)
+        picks.append(t)
+        tuner.record(1, t, cost[t])
+    spent = sum(cost[t] for t in picks)
+    assert picks.count(2) >= 2  # tried, and tried again later
+    assert sum(cost[t] for t in picks if t == 2) / spent < 0.1  # exploring costs little
+    # another step shape is measured on its own: 8-token steps where 2 threads are faster
+    for _ in range(50):
+        t = tuner.pick(8)
+        tuner.record(8, t, {1: 0.2, 2: 0.1}[t])
+    assert tuner.pick(8) == 2 and tuner.pick(1) == 1

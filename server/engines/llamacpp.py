@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import ctypes
 import threading
+import time
 from collections.abc import Sequence as Seq
 from pathlib import Path
 
 import numpy as np
 
 from shrinkserve.compression.gguf import quiet_llama_cpp
-from shrinkserve.server.engines.base import CPU, BatchModel, Engine, Slot, Work
+from shrinkserve.server.engines.base import CPU, BatchModel, Engine, Slot, ThreadTuner, Work
 
 # llama.cpp pads each sequence's share of n_ctx to a multiple of this (llama-context.cpp, GGML_PAD(.., 256)).
 KV_PAD = 256
@@ -42,8 +43,7 @@ class LlamaCppBatch(BatchModel):
         # masked) and a sequence's logits do not depend on where other sequences sit in memory.
         params.kv_unified = False
         params.n_batch = params.n_ubatch = max(engine.max_batch, max_seqs)
-        params.n_threads = engine.single_threads
-        params.n_threads_batch = engine.threads
+        params.n_threads = params.n_threads_batch = engine.threads
         params.no_perf = True
         # "auto" turns flash attention on for CPU, whose f16 accumulation visibly changed greedy output
         # of this small model (Q8_0 answered a different sentence than llama_cpp.Llama, which disables it).
@@ -53,7 +53,8 @@ class LlamaCppBatch(BatchModel):
         self._mem = llama_cpp.llama_get_memory(self._ctx.ctx)
         self._n_batch = params.n_batch
         self._batch = llama_cpp.llama_batch_init(self._n_batch, 0, 1)
-        self._threads = (engine.single_threads, engine.threads)
+        self._tuner = ThreadTuner(engine.thread_candidates)
+        self._set_threads = 0
         self._closed = False
         with engine._lock:
             engine._batches.append(self)
@@ -94,13 +95,13 @@ class LlamaCppBatch(BatchModel):
         if n > self._n_batch:
             raise ValueError(f"a step takes at most {self._n_batch} tokens, got {n}")
         b.n_tokens = n
-        want = self._threads[0] if n == 1 else self._threads[1]
-        with CPU.use(want) as granted:
-            threads = (min(self._threads[0], granted), min(self._threads[1], granted))
-            if threads != getattr(self, "_set_threads", None):
-                llama_cpp.llama_set_n_threads(self._ctx.ctx, *threads)
+        with CPU.use(self._tuner.pick(n)) as threads:
+            if threads != self._set_threads:
+                llama_cpp.llama_set_n_threads(self._ctx.ctx, threads, threads)
                 self._set_threads = threads
+            t0 = time.perf_counter()
             rc = llama_cpp.llama_decode(self._ctx.ctx, b)
+            self._tuner.record(n, threads, time.perf_counter() - t0)
         if rc != 0:
             raise RuntimeError(f"llama_decode returned {rc}")
         vocab = self._engine.vocab_size
@@ -131,7 +132,7 @@ class LlamaCppEngine(Engine):
 
     def __init__(
         self, path: Path, *, threads: int, context_length: int | None = None, max_batch: int = 512,
-        flash_attn: bool = False, single_threads: int | None = None,
+        flash_attn: bool = False,
     ) -> None:
         import llama_cpp
         from llama_cpp import _internals
@@ -139,9 +140,9 @@ class LlamaCppEngine(Engine):
         quiet_llama_cpp()
         llama_cpp.llama_backend_init()
         self.threads = threads
-        # Threads for single-token steps: on the 2-core box one thread decoded a single token as fast
-        # as two (issue 9), and leaves the other core to a second profile or to the HTTP side.
-        self.single_threads = single_threads or max(1, threads // 2)
+        # Thread counts each step chooses from by measurement (ThreadTuner): the configured count and,
+        # for 2+ threads, half of it (1 thread decoded a single token as fast as 2 here, issue 9).
+        self.thread_candidates = sorted({threads, max(1, threads // 2)})
         self.flash_attn = flash_attn
         self.max_batch = max_batch
         self._model = _internals.LlamaModel(
