@@ -67,6 +67,10 @@ class Ticket:
     def __post_init__(self) -> None:
         self._free = self.shares
 
+    @property
+    def returned(self) -> bool:
+        return self._returned
+
     async def acquire(self) -> None:
         """One share for a generation about to start (waits while all of the ticket's shares run)."""
         while self._free == 0:

@@ -189,6 +189,9 @@ class Registry:
                 before = process_rss()
                 engine = load_engine(built, rt.spec, self.settings.threads)
                 core = make_core(rt, engine, self.metrics, self.capture)
+                if self._closed:  # shut down while loading: nobody else would stop this core
+                    core.close()
+                    return
                 rt.resident_bytes = max(0, process_rss() - before)
                 self.metrics.resident_bytes.labels(rt.name).set(rt.resident_bytes)
                 rt.engine, rt.core = engine, core

@@ -209,6 +209,6 @@ class Run:
 
     def __del__(self) -> None:
         # A streaming response whose body never started (the client left at once) still returns its room.
-        if not self.ticket._returned:
+        if not self.ticket.returned:
             with suppress(RuntimeError):
                 self._loop.call_soon_threadsafe(self.ticket.release)
