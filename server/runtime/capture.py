@@ -19,8 +19,8 @@ from shrinkserve.server.traffic_log import TrafficLog
 log = logging.getLogger("shrinkserve.capture")
 
 
-class CaptureWriter:
-    """One thread appending finished generations to the traffic log, in the order they finished."""
+class CaptureQueue:
+    """Finished generations queued to one thread that appends them to the traffic log, in the order they finished."""
 
     def __init__(self, traffic: TrafficLog) -> None:
         self.traffic = traffic
@@ -53,7 +53,7 @@ class CaptureWriter:
 
 
 class CaptureObserver:
-    def __init__(self, writer: CaptureWriter, tokenizer: Tokenizer) -> None:
+    def __init__(self, writer: CaptureQueue, tokenizer: Tokenizer) -> None:
         self.writer = writer
         self.tokenizer = tokenizer
 

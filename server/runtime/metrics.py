@@ -90,7 +90,8 @@ class Metrics:
 
     def declare(self, profile: str) -> None:
         """Create a profile's zero-valued children so series exist before the first request."""
-        self.core_gauges.profiles.append(profile)
+        if profile not in self.core_gauges.profiles:
+            self.core_gauges.profiles.append(profile)
         for g in (self.profile_ready, self.rejected):
             g.labels(profile).set(0)
         for c in (self.prompt_tokens, self.generation_tokens):

@@ -20,7 +20,7 @@ from shrinkserve.server.engines.base import CPU, Engine
 from shrinkserve.server.engines.loader import load_engine
 from shrinkserve.server.quality_runner import EvaluationCancelled, Evaluator, gate_failures
 from shrinkserve.server.runtime.batching import BatchingCore
-from shrinkserve.server.runtime.capture import CaptureWriter
+from shrinkserve.server.runtime.capture import CaptureQueue
 from shrinkserve.server.runtime.core import EngineCore
 from shrinkserve.server.runtime.metrics import Metrics
 from shrinkserve.server.runtime.types import CoreStats
@@ -80,7 +80,7 @@ class ProfileRuntime:
         raise NotServed(f"profile {self.name!r} is not ready: {self.state}", "profile_not_ready")
 
 
-def make_core(rt: ProfileRuntime, engine: Engine, metrics: Metrics, capture: CaptureWriter) -> BatchingCore:
+def make_core(rt: ProfileRuntime, engine: Engine, metrics: Metrics, capture: CaptureQueue) -> BatchingCore:
     """The profile's core, sized by its serving policy.
 
     llama.cpp allocates KV up front, so its budget (default: one context) is split evenly across the
@@ -122,7 +122,7 @@ class Registry:
         for name in self.profiles:
             metrics.declare(name)
         metrics.core_gauges.source = self.stats
-        self.capture = CaptureWriter(TrafficLog(settings.capture))
+        self.capture = CaptureQueue(TrafficLog(settings.capture))
         self.evaluator = Evaluator(self.builder, settings.evaluation.evalset(), settings.threads)
         # Loading is measured by RSS deltas, so loads must not overlap.
         self._load_lock = threading.Lock()
