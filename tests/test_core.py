@@ -391,7 +391,7 @@ def test_echo_prompt_logprobs_and_zero_max_tokens(engine: FakeEngine) -> None:
 def test_thread_tuner_prefers_the_faster_count_and_rarely_retries_the_slower() -> None:
     from shrinkserve.server.engines.base import ThreadTuner
 
-    tuner = ThreadTuner([1, 2], patience=20)
+    tuner = ThreadTuner([1, 2], patience=20, busy=lambda: False)
     cost = {1: 0.01, 2: 1.0}  # 2 threads spinning against a busy neighbour
     picks = []
     for _ in range(6000):
@@ -406,3 +406,16 @@ def test_thread_tuner_prefers_the_faster_count_and_rarely_retries_the_slower() -
         t = tuner.pick(8)
         tuner.record(8, t, {1: 0.2, 2: 0.1}[t])
     assert tuner.pick(8) == 2 and tuner.pick(1) == 1
+
+
+def test_thread_tuner_does_not_try_a_larger_team_on_a_busy_box() -> None:
+    from shrinkserve.server.engines.base import ThreadTuner
+
+    busy = [True]
+    tuner = ThreadTuner([1, 2], patience=5, busy=lambda: busy[0])
+    for _ in range(200):
+        t = tuner.pick(1)
+        assert t == 1
+        tuner.record(1, t, 0.01)
+    busy[0] = False
+    assert tuner.pick(1) == 2  # once cores are idle, the larger team gets its try

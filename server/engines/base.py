@@ -13,13 +13,15 @@ evaluation and tools drive). Sampling, stop handling, logprobs and cancellation 
 from __future__ import annotations
 
 import heapq
+import os
 import threading
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from collections.abc import Sequence as Seq
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -237,21 +239,43 @@ class CpuBudget:
 CPU = CpuBudget(2)
 
 
+_PRESSURE = (Path("/sys/fs/cgroup/cpu.pressure"), Path("/proc/pressure/cpu"))
+
+
+def box_is_busy(threshold: float = 20.0) -> bool:
+    """CPU contention now: the share of the last 10 s in which some runnable task of this cgroup (else of
+    the machine) waited for a CPU (Linux PSI "some avg10", percent); without PSI, a load average above
+    our CPU budget. A container's /proc/loadavg is the node's, so PSI of our own cgroup comes first."""
+    for path in _PRESSURE:
+        try:
+            first = path.read_text().split("\n", 1)[0]  # "some avg10=8.89 avg60=... total=..."
+            return float(first.split()[1].split("=")[1]) > threshold
+        except (OSError, IndexError, ValueError):
+            continue
+    try:
+        return os.getloadavg()[0] > CPU.total - 0.5
+    except OSError:  # pragma: no cover
+        return False
+
+
 class ThreadTuner:
     """Picks the thread count of each forward by measurement, per shape of step, and keeps measuring.
 
     Measured on the shared 2-core box (q4_k_m): with the other core busy, a single-token step took 32 ms
-    on 1 OpenMP thread and 2.2 s on 2 (the spinning barrier waits for a descheduled thread); on an idle
-    box 2 threads win for batched steps. So each step shape (1, 2-3, 4-7, ... tokens) keeps a moving
-    average of its step time per candidate count and uses the fastest. A slower candidate is tried again
-    once the steps since its last try took `patience` times its own average, so exploring costs at most
-    about 1/patience of the time, however slow the other option is, and a change in load is noticed.
+    on 1 OpenMP thread and 2.2 s on 2 (every op ends in a barrier that waits for a descheduled thread);
+    on an idle box 2 threads win for batched steps. So each step shape (1, 2-3, 4-7, ... tokens) keeps a
+    moving average of its step time per candidate count and uses the fastest. A slower candidate is tried
+    again once the steps since its last try took `patience` times its own average, so exploring costs
+    about 1/patience of the time, however slow the other option is. A larger team is only tried while
+    the box has idle CPUs (`busy()` false): one try on a busy box can cost seconds.
     """
 
-    def __init__(self, candidates: Seq[int], patience: float = 20.0, alpha: float = 0.25) -> None:
+    def __init__(self, candidates: Seq[int], patience: float = 20.0, alpha: float = 0.25,
+                 busy: Callable[[], bool] = box_is_busy) -> None:
         self.candidates = sorted(set(candidates))
         self.patience = patience
         self.alpha = alpha
+        self.busy = busy
         self._avg: dict[tuple[int, int], float] = {}
         self._since: dict[tuple[int, int], float] = {}  # bucket time spent since this count was last used
 
@@ -263,12 +287,15 @@ class ThreadTuner:
         if len(self.candidates) == 1:
             return self.candidates[0]
         b = self.bucket(n_tokens)
+        first = self.candidates[0]
+        if (b, first) not in self._avg:
+            return first
+        best = min((t for t in self.candidates if (b, t) in self._avg), key=lambda t: self._avg[(b, t)])
         for t in self.candidates:
-            if (b, t) not in self._avg:
-                return t
-        best = min(self.candidates, key=lambda t: self._avg[(b, t)])
-        for t in self.candidates:
-            if t != best and self._since.get((b, t), 0.0) >= self.patience * self._avg[(b, t)]:
+            if t == best:
+                continue
+            due = self._since.get((b, t), 0.0) >= self.patience * self._avg.get((b, t), self._avg[(b, best)])
+            if due and not (t > best and self.busy()):
                 return t
         return best
 
