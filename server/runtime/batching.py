@@ -13,7 +13,8 @@ Determinism: a profile's batch invariance is probed at load (`probe_batch_invari
 sequence's logits row bit-identical alone and inside a batch of other sequences of other lengths, in
 another slot? Where it holds, seeded requests ride in the batch; where it does not, each seeded
 sequence gets its own forward in the same step, so the same request with the same seed gives the same
-text at any load. Unseeded requests always batch. `serial=True` runs one sequence at a time.
+text at any load. Unseeded requests always batch. A core with one slot (`scheduler: serial`) runs one
+sequence at a time.
 """
 
 from __future__ import annotations
@@ -60,7 +61,6 @@ class _Seq:
     ends: list[int] = field(default_factory=list)  # prefill chunk ends still to run
     prompt_rows: list[np.ndarray] = field(default_factory=list)
     pending: int | None = None  # the next token to feed (decoding)
-    t_submit: float = 0.0
 
     @property
     def solo(self) -> bool:
@@ -103,27 +103,31 @@ class BatchingCore:
 
     def __init__(
         self, name: str, engine: Engine, *, max_seqs: int, slot_capacity: int, kv_tokens: int | None = None,
-        max_queue: int, serial: bool = False, observers: list[Observer] | None = None,
+        max_queue: int, observers: list[Observer] | None = None,
         on_queue_time: Callable[[float], None] | None = None, probe: bool = True,
     ) -> None:
         self.name = name
         self.tokenizer = engine
         self.engine = engine
-        self.serial = serial
         self.model = engine.new_batch(max_seqs, slot_capacity)
         self.context_length = self.model.slot_capacity
         self.observers = list(observers or [])
-        self.max_running = 1 if serial else self.model.max_seqs
+        self.max_running = self.model.max_seqs
         kv_budget = min(kv_tokens or self.model.kv_total_tokens, self.model.kv_total_tokens)
         self.admission = Admission(name, max_seqs=self.max_running, kv_tokens=kv_budget,
                                    slot_capacity=self.model.slot_capacity, max_queue=max_queue,
                                    on_queue_time=on_queue_time)
         self.kv_budget = kv_budget
         self.batch_invariant: bool | None = None
-        if probe and not serial and self.model.max_seqs > 1:
+        probe_ids = engine.tokenize("The quick brown fox jumps over the lazy dog near the river bank")
+        warm = self.model.acquire()  # touch every weight now, not in the first request
+        try:
+            self.model.step([Work(warm, (probe_ids or [0])[:1])])
+        finally:
+            self.model.release(warm)
+        if probe and self.model.max_seqs > 1:
             t0 = time.perf_counter()
-            self.batch_invariant = probe_batch_invariance(
-                self.model, engine.tokenize("The quick brown fox jumps over the lazy dog near the river bank"))
+            self.batch_invariant = probe_batch_invariance(self.model, probe_ids)
             log.info("profile %s: batch invariance %s (probe %.0f ms)", name,
                      "holds: seeded requests ride in the batch" if self.batch_invariant else
                      "does not hold: seeded requests get their own forward", 1000 * (time.perf_counter() - t0))
@@ -143,9 +147,11 @@ class BatchingCore:
         return await self.admission.admit(n, max(1, max_total_tokens))
 
     async def generate(self, ticket: Ticket, req: GenerationRequest) -> AsyncIterator[Step]:
+        """Hand the request to the scheduler thread and relay its steps; leaving early cancels it (its slot
+        is freed between steps) and the ticket's share comes back once the slot is free."""
         await ticket.acquire()
         loop = asyncio.get_running_loop()
-        seq = _Seq(req, loop, asyncio.Queue(), ticket, t_submit=time.perf_counter())
+        seq = _Seq(req, loop, asyncio.Queue(), ticket)
         with self._cond:
             if self._stop:
                 ticket.give_back()
