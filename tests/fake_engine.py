@@ -46,7 +46,7 @@ class FakeBatch(BatchModel):
         self.max_chunk = engine.max_batch
         self.forwards: list[list[tuple[int, int]]] = []  # per step: (slot id, tokens) of each work item
         self.released: list[int] = []
-        self.in_step = threading.Event()
+        self.blocked = threading.Event()  # a step is waiting on engine.gate
         self.closed = False
 
     def _drop_from(self, slot: Slot, n: int) -> None:
@@ -68,9 +68,11 @@ class FakeBatch(BatchModel):
 
     def step(self, work: Sequence[Work]) -> list[np.ndarray]:
         self.check(work)
-        self.in_step.set()
-        if self.engine.gate is not None:
-            self.engine.gate.wait()
+        gate = self.engine.gate
+        if gate is not None:
+            self.blocked.set()
+            gate.wait()
+            self.blocked.clear()
         if self.engine.step_delay:
             time.sleep(self.engine.step_delay)
         self.forwards.append([(w.slot.id, len(w.ids)) for w in work])
@@ -84,7 +86,6 @@ class FakeBatch(BatchModel):
                 rows.append(self.row(history, batched))
             w.slot.tokens.extend(w.ids)
             out.append(np.stack(rows) if w.all_logits else rows[-1][None, :])
-        self.in_step.clear()
         return out
 
     def close(self) -> None:

@@ -245,6 +245,7 @@ def test_probe_detects_batch_dependence() -> None:
 
 def test_cancel_frees_the_slot_only_after_the_running_step(engine: FakeEngine) -> None:
     core = make_core(engine, max_seqs=1, max_queue=4)
+    engine.step_delay = 0.02  # 50 steps last a second: time to catch one in the middle
     req = GenerationRequest(ids_of("long"), SamplingParams(max_tokens=50, ignore_eos=True))
 
     async def go() -> None:
@@ -252,13 +253,14 @@ def test_cancel_frees_the_slot_only_after_the_running_step(engine: FakeEngine) -
         gen = core.generate(ticket, req)
         await gen.__anext__()
         engine.gate = threading.Event()  # the next step blocks inside the "forward"
-        await asyncio.to_thread(core.model.in_step.wait, 5)
+        assert await asyncio.to_thread(core.model.blocked.wait, 5)
         released_before = list(core.model.released)
         await gen.aclose()  # the client leaves while a forward runs
         await asyncio.sleep(0.05)
         assert core.model.released == released_before  # the slot is still in the running forward
         engine.gate.set()
         engine.gate = None
+        engine.step_delay = 0.0
         deadline = time.monotonic() + 5
         while core.stats().running and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
@@ -419,3 +421,47 @@ def test_thread_tuner_does_not_try_a_larger_team_on_a_busy_box() -> None:
         tuner.record(1, t, 0.01)
     busy[0] = False
     assert tuner.pick(1) == 2  # once cores are idle, the larger team gets its try
+
+
+def test_a_failing_request_fails_alone(engine: FakeEngine) -> None:
+    def broken(logits: np.ndarray, generated: object) -> np.ndarray:
+        if len(generated) >= 2:  # type: ignore[arg-type]
+            raise ValueError("processor bug")
+        return logits
+
+    core = make_core(engine)
+    bad = GenerationRequest(ids_of("bad"), SamplingParams(max_tokens=10, ignore_eos=True), processors=(broken,))
+    good = GenerationRequest(ids_of("good"), SamplingParams(max_tokens=10, ignore_eos=True))
+
+    async def go() -> tuple[object, list[Step]]:
+        return await asyncio.gather(run_one(core, bad), run_one(core, good), return_exceptions=True)
+
+    try:
+        failed, ok = asyncio.run(go())
+        assert isinstance(failed, ValueError)
+        assert isinstance(ok, list) and ok[-1].finish_reason == "length" and sum(s.n_tokens for s in ok) == 10
+        assert core.stats().running == 0 and core.model.free_slots == core.model.max_seqs
+    finally:
+        core.close()
+
+
+def test_client_leaving_the_queue_returns_its_place(engine: FakeEngine) -> None:
+    core = make_core(engine, max_seqs=1, max_queue=2)
+
+    async def go() -> None:
+        held = await core.admit(1, max_total_tokens=10)
+        leaver = asyncio.ensure_future(core.admit(1, max_total_tokens=10))
+        stayer = asyncio.ensure_future(core.admit(1, max_total_tokens=10))
+        await asyncio.sleep(0.01)
+        assert core.stats().waiting == 2
+        leaver.cancel()  # the client hung up while queued
+        await asyncio.sleep(0.01)
+        assert core.stats().waiting == 1
+        held.release()
+        (await asyncio.wait_for(stayer, 1)).release()
+        assert core.admission.seqs_held == 0 and core.admission.tokens_held == 0
+
+    try:
+        asyncio.run(go())
+    finally:
+        core.close()

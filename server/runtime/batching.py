@@ -220,12 +220,9 @@ class BatchingCore:
             self._running.extend(new)
             try:
                 self._iteration(out, abort_all)
-            except Exception as exc:  # a failed forward fails its sequences, never the core
-                log.exception("profile %s: step failed", self.name)
-                for seq in self._running:
-                    out.append((seq, exc))
-                    self._free(seq, out)
-                self._running = []
+            except Exception as exc:  # anything else fails what runs, never the core
+                log.exception("profile %s: scheduler iteration failed", self.name)
+                self._fail(list(self._running), exc, out)
             self._kv_used = sum(len(s.slot.tokens) for s in self._running if s.slot is not None)
             if out:
                 self._deliver(out)
@@ -251,17 +248,18 @@ class BatchingCore:
         # 3. prefill, each prompt alone, at most max_chunk prompt tokens per iteration
         budget = model.max_chunk
         for seq in active:
-            if not seq.ends or budget <= 0:
-                continue
-            while seq.ends and budget > 0:
-                start, end = len(seq.slot.tokens), seq.ends.pop(0)  # type: ignore[union-attr]
+            while seq.ends and budget > 0 and seq.slot is not None:
+                start, end = len(seq.slot.tokens), seq.ends.pop(0)
                 echo = seq.req.prompt_logprobs is not None
-                rows = model.step([Work(seq.slot, seq.req.prompt_ids[start:end], all_logits=echo)])[0]  # type: ignore[arg-type]
                 budget -= end - start
-                if echo:
-                    seq.prompt_rows.append(log_softmax(rows))
-                if not seq.ends:
-                    self._prefilled(seq, rows[-1], out)
+                try:
+                    rows = model.step([Work(seq.slot, seq.req.prompt_ids[start:end], all_logits=echo)])[0]
+                    if echo:
+                        seq.prompt_rows.append(log_softmax(rows))
+                    if not seq.ends:
+                        self._prefilled(seq, rows[-1], out)
+                except Exception as exc:  # this sequence fails; the others go on
+                    self._fail([seq], exc, out)
         # 4. one forward over every decoding sequence (seeded ones alone where batching changes logits)
         decoding = [s for s in self._running if s.pending is not None and not s.cancelled]
         if not decoding:
@@ -274,9 +272,16 @@ class BatchingCore:
         else:
             groups = [decoding]
         for group in groups:
-            rows = model.step([Work(s.slot, [s.pending]) for s in group])  # type: ignore[arg-type,list-item]
+            try:
+                rows = model.step([Work(s.slot, [s.pending]) for s in group])  # type: ignore[arg-type,list-item]
+            except Exception as exc:  # a failed forward fails the sequences it carried
+                self._fail(group, exc, out)
+                continue
             for seq, row in zip(group, rows, strict=True):
-                self._advance(seq, row[-1], out)
+                try:
+                    self._advance(seq, row[-1], out)
+                except Exception as exc:  # e.g. a request's own logits processor: only that sequence fails
+                    self._fail([seq], exc, out)
 
     def _prefilled(self, seq: _Seq, last_row: np.ndarray, out: list[tuple[_Seq, object]]) -> None:
         assert seq.state is not None
@@ -301,6 +306,13 @@ class BatchingCore:
                 for observe in self.observers:
                     observe(finished)
             self._free(seq, out)
+
+    def _fail(self, seqs: list[_Seq], exc: Exception, out: list[tuple[_Seq, object]]) -> None:
+        log.error("profile %s: %d sequence(s) failed: %s: %s", self.name, len(seqs), type(exc).__name__, exc)
+        for seq in seqs:
+            if seq in self._running:
+                out.append((seq, exc))
+                self._free(seq, out)
 
     def _free(self, seq: _Seq, out: list[tuple[_Seq, object]]) -> None:
         if seq.slot is not None:
