@@ -73,6 +73,8 @@ class Ticket:
 
     async def acquire(self) -> None:
         """One share for a generation about to start (waits while all of the ticket's shares run)."""
+        if self._returned:
+            raise RuntimeError("this ticket was released")
         while self._free == 0:
             fut = asyncio.get_running_loop().create_future()
             self._waiters.append(fut)
