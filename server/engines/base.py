@@ -266,11 +266,11 @@ class ThreadTuner:
     on an idle box 2 threads win for batched steps. So each step shape (1, 2-3, 4-7, ... tokens) keeps a
     moving average of its step time per candidate count and uses the fastest. A slower candidate is tried
     again once the steps since its last try took `patience` times its own average, so exploring costs
-    about 1/patience of the time, however slow the other option is. A larger team is only tried while
-    the box has idle CPUs (`busy()` false): one try on a busy box can cost seconds.
+    about 1/patience of the time (2%), however slow the other option is. A larger team is only tried while
+    the box has no CPU contention (`busy()` false): one try on a busy box can cost seconds.
     """
 
-    def __init__(self, candidates: Seq[int], patience: float = 20.0, alpha: float = 0.25,
+    def __init__(self, candidates: Seq[int], patience: float = 50.0, alpha: float = 0.25,
                  busy: Callable[[], bool] = box_is_busy) -> None:
         self.candidates = sorted(set(candidates))
         self.patience = patience
@@ -287,13 +287,15 @@ class ThreadTuner:
         if len(self.candidates) == 1:
             return self.candidates[0]
         b = self.bucket(n_tokens)
-        first = self.candidates[0]
-        if (b, first) not in self._avg:
-            return first
-        best = min((t for t in self.candidates if (b, t) in self._avg), key=lambda t: self._avg[(b, t)])
+        tried = [t for t in self.candidates if (b, t) in self._avg]
+        if not tried:  # a baseline first: the largest team, unless the box is busy
+            return self.candidates[0] if self.busy() else self.candidates[-1]
+        best = min(tried, key=lambda t: self._avg[(b, t)])
         for t in self.candidates:
             if t == best:
                 continue
+            if (b, t) not in self._avg and t < best:
+                return t  # a smaller team is tried at once: at worst it is a few times slower
             due = self._since.get((b, t), 0.0) >= self.patience * self._avg.get((b, t), self._avg[(b, best)])
             if due and not (t > best and self.busy()):
                 return t

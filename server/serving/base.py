@@ -166,6 +166,9 @@ class Run:
         core = self.prepared.rt.core
         assert core is not None
         m, name, t_arrival = self.metrics, self.name, self.prepared.t_arrival
+        # the label lookups once per generation, not per token
+        ttft, itl, e2e, produced = (m.ttft.labels(name), m.itl.labels(name), m.e2e.labels(name),
+                                    m.generation_tokens.labels(name))
         m.prompt_tokens.labels(name).inc(len(req.prompt_ids))
         last_token_at: float | None = None
         finished = False
@@ -175,20 +178,20 @@ class Run:
                     if step.n_tokens:
                         now = time.perf_counter()
                         if last_token_at is None:
-                            m.ttft.labels(name).observe(now - t_arrival)
+                            ttft.observe(now - t_arrival)
                         else:
-                            m.itl.labels(name).observe(now - last_token_at)
+                            itl.observe(now - last_token_at)
                         last_token_at = now
-                        m.generation_tokens.labels(name).inc(step.n_tokens)
+                        produced.inc(step.n_tokens)
                     if step.finish_reason is not None:
                         finished = True
                         m.request_success.labels(name, step.finish_reason).inc()
-                        m.e2e.labels(name).observe(time.perf_counter() - t_arrival)
+                        e2e.observe(time.perf_counter() - t_arrival)
                     yield step
         finally:
             if not finished:  # the client went away (or generation failed) before the end
                 m.request_success.labels(name, "abort").inc()
-                m.e2e.labels(name).observe(time.perf_counter() - t_arrival)
+                e2e.observe(time.perf_counter() - t_arrival)
 
     async def collect(self) -> list[Outcome]:
         outcomes = [Outcome() for _ in self.prepared.requests]

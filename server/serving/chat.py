@@ -20,7 +20,7 @@ from shrinkserve.server.serving.base import (
     tokenizer_of,
     usage,
 )
-from shrinkserve.server.serving.sse import sse_data
+from shrinkserve.server.serving.sse import TextChunks, sse_data
 
 
 def render_chat(tok: Tokenizer, messages: list[P.ChatMessage]) -> str:
@@ -69,8 +69,13 @@ async def chunks(req: P.ChatCompletionRequest, run: Run) -> AsyncIterator[str]:
         return sse_data(P.ChatCompletionChunk(id=rid, created=created, model=run.name, choices=[choice]))
 
     yield chunk(P.DeltaMessage(role="assistant", content=""))
+    plain = TextChunks(P.ChatCompletionChunk(id=rid, created=created, model=run.name, choices=[
+        P.ChatChunkChoice(index=0, delta=P.DeltaMessage(content=TextChunks.placeholder()))]))
     async for _, step in run.steps():
         if not step.text and not step.tokens and step.finish_reason is None:
+            continue
+        if step.text and step.finish_reason is None and not req.logprobs:
+            yield plain(step.text)  # the common chunk: text only
             continue
         lp = chat_logprobs(step.tokens) if req.logprobs and step.tokens else None
         yield chunk(P.DeltaMessage(content=step.text or None) if step.text else P.DeltaMessage(),

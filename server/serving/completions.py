@@ -20,7 +20,7 @@ from shrinkserve.server.serving.base import (
     tokenizer_of,
     usage,
 )
-from shrinkserve.server.serving.sse import sse_data
+from shrinkserve.server.serving.sse import TextChunks, sse_data
 
 
 def prepare(rt: ProfileRuntime, req: P.CompletionRequest, t_arrival: float) -> Prepared:
@@ -52,6 +52,7 @@ def response(req: P.CompletionRequest, run: Run, outcomes: list[Outcome]) -> P.C
 async def chunks(req: P.CompletionRequest, run: Run) -> AsyncIterator[str]:
     rid, created = P.new_id("cmpl"), int(time.time())
     echoed = [False] * len(run.prepared.requests)
+    plain: dict[int, TextChunks] = {}  # per choice index: the common chunk, text only
     async for i, step in run.steps():
         text = step.text
         toks = list(step.tokens)
@@ -60,6 +61,12 @@ async def chunks(req: P.CompletionRequest, run: Run) -> AsyncIterator[str]:
             toks = (step.prompt_logprobs or []) + toks
             echoed[i] = True
         if not text and not toks and step.finish_reason is None:
+            continue
+        if req.logprobs is None and step.finish_reason is None:
+            if i not in plain:
+                choice = P.CompletionChoice(index=i, text=TextChunks.placeholder())
+                plain[i] = TextChunks(P.CompletionChunk(id=rid, created=created, model=run.name, choices=[choice]))
+            yield plain[i](text)
             continue
         lp = completion_logprobs(toks) if req.logprobs is not None else None
         choice = P.CompletionChoice(index=i, text=text, logprobs=lp, finish_reason=step.finish_reason)
