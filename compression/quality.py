@@ -75,7 +75,7 @@ class Scorer:
 
         This is what every engine exposes for evaluation: per-position logprobs of a given continuation.
         """
-        from shrinkserve.server.generation import prefill
+        from shrinkserve.server.runtime.prefill import prefill
 
         self.seq.reset()
         _, lp = prefill(self.engine, self.seq, ids, want_prompt_logprobs=True, reuse_prefix=False)
@@ -88,7 +88,7 @@ def choice_logprobs(scorer: Scorer, context: str, choices: list[str]) -> list[fl
 
     The context is read once; each choice then reuses its KV cache, so four choices cost about one prompt.
     """
-    from shrinkserve.server.sampling import log_softmax
+    from shrinkserve.server.runtime.sampling import log_softmax
 
     ctx = scorer.tokenize(context, add_special=True)
     wholes = [scorer.tokenize(context + c, add_special=True) for c in choices]
@@ -174,7 +174,7 @@ SPEED_PROMPT = "The history of the old city begins"
 def greedy_decode(engine: Any, seq: Any, tokens: int) -> float:
     """Restart `seq` on SPEED_PROMPT and decode `tokens` greedy tokens; returns the decode seconds
     (prefill not counted). Shared by `decode_speed` and scripts/bench_decode.py."""
-    from shrinkserve.server.generation import prefill
+    from shrinkserve.server.runtime.prefill import prefill
 
     seq.reset()
     logits, _ = prefill(engine, seq, engine.tokenize(SPEED_PROMPT, add_special=True), reuse_prefix=False)

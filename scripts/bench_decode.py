@@ -17,7 +17,7 @@ from pathlib import Path
 from shrinkserve.compression.cache import ArtifactCache
 from shrinkserve.compression.profiles import ProfileBuilder
 from shrinkserve.compression.quality import greedy_decode
-from shrinkserve.server.registry import load_engine
+from shrinkserve.server.engines.loader import load_engine
 from shrinkserve.server.settings import load_settings
 
 

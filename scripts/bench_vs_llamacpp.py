@@ -1,6 +1,6 @@
 """Benchmark shrinkserve against llama-cpp-python's own OpenAI server on the same GGUF file.
 
-Both servers get the same file, thread count and load (see shrinkserve.server.bench). They run one
+Both servers get the same file, thread count and load (see shrinkserve.server.tools.bench). They run one
 after the other, never together, so neither competes with the other for CPU cores.
 
     .venv/bin/python scripts/bench_vs_llamacpp.py --gguf model.gguf --threads 2 --max-tokens 128
@@ -32,7 +32,7 @@ from typing import Any
 import httpx
 import yaml
 
-from shrinkserve.server.bench import BenchResult, default_prompt, format_result, run_bench
+from shrinkserve.server.tools.bench import BenchResult, default_prompt, format_result, run_bench
 
 HOST = "127.0.0.1"
 MODEL_NAME = "bench"  # both servers are told to serve the file under this name

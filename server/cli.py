@@ -32,12 +32,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from shrinkserve.server.app import create_app
+    from shrinkserve.server.lifecycle import DrainingServer
 
     settings = _settings(args, host=args.host, port=args.port)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=30)
+    # The app drains itself on SIGTERM (lifecycle.py) before uvicorn stops; what is left for uvicorn
+    # are idle keep-alive connections and streams that already sent [DONE].
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                            timeout_graceful_shutdown=5)
+    DrainingServer(config, app.state.services.lifecycle).run()
     return 0
 
 
@@ -98,8 +102,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from shrinkserve.compression.quality import progress_units
+    from shrinkserve.server.engines.loader import load_engine
     from shrinkserve.server.quality_runner import Evaluator, gate_failures
-    from shrinkserve.server.registry import load_engine, process_rss
+    from shrinkserve.server.runtime.registry import process_rss
 
     settings = _settings(args)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -152,7 +157,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(argv: list[str]) -> int:
-    from shrinkserve.server.bench import main as bench_main
+    from shrinkserve.server.tools.bench import main as bench_main
 
     return bench_main(argv)
 

@@ -70,6 +70,41 @@ class EvaluationSettings(BaseModel):
         return EvalSet.load(max_tokens=self.max_tokens, tasks=self.tasks)
 
 
+Scheduler = Literal["batching", "serial"]
+
+
+class ServingPolicy(BaseModel):
+    """How one profile is served; every field unset inherits `serving`'s value."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    scheduler: Scheduler | None = None
+    max_num_seqs: int | None = Field(default=None, ge=1, le=256)
+    kv_cache_tokens: int | None = Field(default=None, ge=16)
+    max_queue: int | None = Field(default=None, ge=0, le=10_000)
+
+
+class ServingSettings(BaseModel):
+    """Scheduling, concurrency and KV memory of every profile (runtime/batching.py), with per-profile overrides.
+
+    A profile's legacy `max_concurrency` / `max_queue` keys, when set, count as its `max_num_seqs` /
+    `max_queue` unless `serving.profiles.<name>` says otherwise.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    # batching: one scheduler thread per profile runs ONE forward over all its running sequences per
+    # step; serial: one sequence at a time (every step alone, deterministic, no batching gain).
+    scheduler: Scheduler = "batching"
+    max_num_seqs: int = Field(default=8, ge=1, le=256, description="sequences a profile runs at once (KV slots)")
+    # KV positions of a profile, shared by its sequences. None: llama.cpp gets one context's worth
+    # (context_length, split evenly across the slots and allocated up front); PyTorch caches grow
+    # with use, capped at max_num_seqs x context_length.
+    kv_cache_tokens: int | None = Field(default=None, ge=16)
+    max_queue: int = Field(default=32, ge=0, le=10_000, description="requests waiting for room before 429")
+    profiles: dict[str, ServingPolicy] = Field(default_factory=dict)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="SHRINKSERVE_", env_nested_delimiter="__", extra="forbid", yaml_file=None
@@ -83,11 +118,15 @@ class Settings(BaseSettings):
     # Seconds a request for a lazy profile waits while that profile is built and loaded.
     load_timeout_seconds: float = Field(default=900.0, gt=0)
     api_keys: list[str] = Field(default_factory=list, description="accepted bearer tokens; empty = no auth")
+    # On SIGTERM: /ready turns 503 and new requests get 503 at once; running generations get this long
+    # to finish, then end with finish_reason "abort". The chart's terminationGracePeriodSeconds covers it.
+    drain_timeout_seconds: float = Field(default=30.0, ge=0, le=3600)
 
     bases: dict[str, BaseSpec] = Field(default_factory=lambda: {"smollm2": BaseSpec()})
     profiles: dict[str, ProfileSpec] = Field(default_factory=dict)
     routes: dict[str, str] = Field(default_factory=dict)
     capture: CaptureSettings = Field(default_factory=CaptureSettings)
+    serving: ServingSettings = Field(default_factory=ServingSettings)
     evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings)
 
     @classmethod
@@ -131,7 +170,29 @@ class Settings(BaseSettings):
                 raise ValueError(f"route {prefix!r} names unknown profile {profile_name!r}")
             normalized[clean] = profile_name
         self.routes = normalized
+        unknown = [n for n in self.serving.profiles if n not in self.profiles]
+        if unknown:
+            raise ValueError(f"serving.profiles names unknown profile(s): {', '.join(unknown)}")
         return self
+
+    def serving_for(self, name: str) -> ResolvedServing:
+        """A profile's serving policy: its override, else its legacy profile keys when set, else the defaults."""
+        spec, over, d = self.profiles[name], self.serving.profiles.get(name, ServingPolicy()), self.serving
+        legacy = spec.model_fields_set
+        return ResolvedServing(
+            scheduler=over.scheduler or d.scheduler,
+            max_num_seqs=over.max_num_seqs or (spec.max_concurrency if "max_concurrency" in legacy else d.max_num_seqs),
+            kv_cache_tokens=over.kv_cache_tokens or d.kv_cache_tokens,
+            max_queue=over.max_queue if over.max_queue is not None else (
+                spec.max_queue if "max_queue" in legacy else d.max_queue),
+        )
+
+
+class ResolvedServing(BaseModel):
+    scheduler: Scheduler
+    max_num_seqs: int
+    kv_cache_tokens: int | None
+    max_queue: int
 
 
 def load_settings(config: str | Path | None = None, **overrides: Any) -> Settings:

@@ -83,7 +83,9 @@ MAIN_CONFIG = {
     "profiles": {
         "base": {"method": "gguf:f16"},
         "q8_0": {"method": "gguf:q8_0"},
-        "q4_k_m": {"method": "gguf:q4_k_m", "max_concurrency": 1, "max_queue": 0},
+        "q4_k_m": {"method": "gguf:q4_k_m"},
+        # One slot and no queue (serving.profiles below): what overload looks like.
+        "q4-one-slot": {"method": "gguf:q4_k_m", "load": "lazy"},
         "base-torch": {"method": "hf", "dtype": "float32"},
         "q4_0-lazy": {"method": "gguf:q4_0", "load": "lazy"},
         # Weight-only profiles on the PyTorch engine through shrinkserve.kernels, built on first use.
@@ -98,7 +100,8 @@ MAIN_CONFIG = {
                     "calibration": {"samples": 16, "seq_len": 256}},
         "rtn-g64-dense-head": {"method": "rtn", "group_size": 64, "lm_head_bits": None, "load": "lazy"},
     },
-    "routes": {"/q4": "q4_k_m", "/q8": "q8_0"},
+    "routes": {"/q4": "q4_k_m", "/q8": "q8_0", "/one": "q4-one-slot"},
+    "serving": {"profiles": {"q4-one-slot": {"max_num_seqs": 1, "max_queue": 0}}},
 }
 
 

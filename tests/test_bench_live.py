@@ -38,3 +38,18 @@ def test_bench_reports_failures_with_exit_code_1(server: ServerProcess) -> None:
     result = json.loads(r.stdout)
     assert result["requests_ok"] == 0 and result["requests_failed"] == 2
     assert any("404" in e for e in result["errors"]), result["errors"]
+
+
+def test_bench_sweep_with_server_rss(server: ServerProcess) -> None:
+    r = subprocess.run(
+        [*SHRINKSERVE, "bench", "--url", server.url + "/v1", "--model", "q4_k_m", "--sweep", "1,2",
+         "--max-tokens", "8", "--ignore-eos", "--pid", str(server.proc.pid), "--json"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    levels = json.loads(r.stdout)["sweep"]
+    assert [x["concurrency"] for x in levels] == [1, 2]
+    assert [x["requests_ok"] for x in levels] == [2, 4]
+    assert all(x["total_output_tokens"] == x["requests_ok"] * 8 for x in levels)
+    assert all(x["server_rss_max_bytes"] > 100 * 2**20 for x in levels)
+    assert all(x["itl_p50_s"] > 0 for x in levels)

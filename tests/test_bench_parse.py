@@ -1,13 +1,14 @@
-"""SSE parsing and statistics of shrinkserve.server.bench, on real byte strings (no network)."""
+"""SSE parsing and statistics of shrinkserve.server.tools.bench, on real byte strings (no network)."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 
 import httpx
 import pytest
 
-from shrinkserve.server import bench
+from shrinkserve.server.tools import bench
 
 # Shape of a llama_cpp.server / OpenAI chat stream with include_usage, CRLF line ends and a keep-alive.
 CHAT_STREAM = (
@@ -101,3 +102,20 @@ def test_send_one_over_mock_transport() -> None:
     cut = b'data: {"choices":[{"text":"Hi","index":0,"finish_reason":null}]}\n\ndata: [DONE]\n\n'
     rec = run_against(httpx.MockTransport(lambda req: httpx.Response(200, content=cut)), "completions")
     assert rec.error is not None and "without a finish_reason" in rec.error
+
+
+def test_sweep_table_and_levels() -> None:
+    def result(c: int, tps: float) -> bench.BenchResult:
+        recs = [bench.RequestRecord(t_start=0.0, chunk_times=[0.1, 0.2, 0.3], usage_tokens=3) for _ in range(c)]
+        r = bench.summarize(recs, api="chat", concurrency=c, max_tokens=3, wall_time_s=3 * c / tps)
+        r.server_rss_max_bytes = 300 * 2**20
+        return r
+
+    table = bench.format_sweep([result(1, 10.0), result(8, 25.0)], "q4_k_m")
+    rows = [line for line in table.splitlines() if line.startswith("| 1 ") or line.startswith("| 8 ")]
+    assert len(rows) == 2 and "2.50x" in rows[1] and "| 300 |" in rows[1]
+    assert bench.parse_levels("1,2,4") == [1, 2, 4]
+    with pytest.raises(Exception, match="integers"):
+        bench.parse_levels("1,x")
+    assert bench.process_rss(os.getpid()) > 10 * 2**20
+    assert bench.process_rss(2**22 + 12345) is None

@@ -257,6 +257,7 @@ RENDER_REFUSES = {
     "both-monitors": ({"metrics": {"serviceMonitor": {"enabled": True}, "podMonitor": {"enabled": True}}}, "not both"),
     "hpa-bounds": ({"cache": {"persistence": {"enabled": False}},
                     "autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 2}}, "maxReplicas"),
+    "grace-shorter-than-drain": ({"terminationGracePeriodSeconds": 20}, "must cover"),
 }
 
 
@@ -268,7 +269,7 @@ def test_render_refuses_inconsistent_values(case: str, tmp_path: Path) -> None:
 
 
 # Keys of the server's YAML whose pydantic models values.schema.json mirrors under $defs.
-MIRRORED = ("bases", "profiles", "capture")
+MIRRORED = ("bases", "profiles", "capture", "serving")
 _REF = re.compile(r'"#/\$defs/([A-Za-z0-9_]+)"')
 
 
@@ -345,6 +346,9 @@ def test_rendered_configmap_and_env_load_with_server_settings(values: Path | Non
     for key, value in expected["config"].get("capture", {}).items():
         got = getattr(settings.capture, key)
         assert (str(got) if isinstance(got, Path) else got) == value, key
+    serving = expected["config"].get("serving", {})
+    assert settings.serving.model_dump(exclude_unset=True) == serving
+    assert settings.drain_timeout_seconds == expected["server"]["drainTimeoutSeconds"]
     assert settings.host == "0.0.0.0" and settings.port == expected["server"]["port"]
     assert str(settings.cache_dir) == expected["cache"]["mountPath"]
     assert settings.log_level == expected["server"]["logLevel"]
@@ -405,6 +409,11 @@ def test_deployment_security_probes_and_mounts() -> None:
     startup = c["startupProbe"]
     assert startup["httpGet"]["path"] == "/ready" and startup["periodSeconds"] * startup["failureThreshold"] >= 1800
     assert pod["enableServiceLinks"] is False  # SHRINKSERVE_PORT=tcp://... would break the port setting
+    # SIGTERM drain: preStop keeps serving while endpoints update, then the drain, then 15 s to stop engines
+    assert c["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", "5"]
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env["SHRINKSERVE_DRAIN_TIMEOUT_SECONDS"] == "30"
+    assert pod["terminationGracePeriodSeconds"] == 5 + 30 + 15
     assert one(docs, "Deployment")["spec"]["strategy"]["type"] == "Recreate"  # RWO PVC
     pvc = one(docs, "PersistentVolumeClaim")
     assert pvc["metadata"]["name"] == volumes["cache"]["persistentVolumeClaim"]["claimName"]
@@ -415,7 +424,7 @@ def test_deployment_security_probes_and_mounts() -> None:
 
 
 def test_gpu_autoscaling_values() -> None:
-    from shrinkserve.server.metrics import Metrics
+    from shrinkserve.server.runtime.metrics import Metrics
 
     docs = docs_of(GPU_VALUES)
     pod = one(docs, "Deployment")["spec"]["template"]["spec"]

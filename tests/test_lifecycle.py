@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -232,3 +233,69 @@ def test_profiles_command_shows_cache_state(tmp_path: Path) -> None:
     assert q4["key"] == before["q4_0"]["key"]
     assert Path(q4["path"]).is_file() and q4["bytes"] == Path(q4["path"]).stat().st_size > 50e6
     assert q4["built_at"] == json.loads((cache / "artifacts" / q4["key"] / "manifest.json").read_text())["built_at"]
+
+
+# ------------------------------------------------------------------ graceful drain on SIGTERM
+
+
+def _stream(url: str, body: dict, out: dict, first: threading.Event) -> None:
+    """A streamed completion: text, finish reason, whether [DONE] came, and when it ended."""
+    out.update(text="", finish=None, done=False, status=None)
+    try:
+        with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True}, timeout=120) as r:
+            out["status"] = r.status_code
+            for line in r.iter_lines():
+                if line == "data: [DONE]":
+                    out["done"] = True
+                elif line.startswith("data: "):
+                    choice = json.loads(line[6:])["choices"][0]
+                    out["text"] += choice["text"]
+                    out["finish"] = choice["finish_reason"] or out["finish"]
+                    first.set()
+    except httpx.HTTPError as exc:
+        out["error"] = repr(exc)
+    out["ended"] = time.monotonic()
+
+
+def test_sigterm_drains_running_streams_and_exits_zero(cache_dir: Path, tmp_path: Path) -> None:
+    """SIGTERM mid-stream: /ready and new requests answer 503 at once, a short stream still finishes, long
+    ones end with finish_reason "abort" and [DONE] after drain_timeout_seconds, and the process exits 0."""
+    drain = 6.0
+    config = {"profiles": {"q8_0": {"method": "gguf:q8_0"}}, "drain_timeout_seconds": drain}
+    proc = ServerProcess(config, cache_dir, tmp_path / "server.log")
+    try:
+        proc.wait_ready(timeout=600)
+        streams = [({"model": "q8_0", "prompt": f"Story {i}:", "max_tokens": 1000, "ignore_eos": True}, {})
+                   for i in range(3)]
+        streams.append(({"model": "q8_0", "prompt": "Short:", "max_tokens": 24, "ignore_eos": True}, {}))
+        firsts = [threading.Event() for _ in streams]
+        threads = [threading.Thread(target=_stream, args=(proc.url, body, out, ev))
+                   for (body, out), ev in zip(streams, firsts, strict=True)]
+        for t in threads:
+            t.start()
+        assert all(ev.wait(120) for ev in firsts), proc.log()
+        proc.proc.send_signal(signal.SIGTERM)
+        t_term = time.monotonic()
+        deadline = t_term + 2
+        while httpx.get(proc.url + "/ready", timeout=5).status_code != 503:
+            assert time.monotonic() < deadline, "/ready did not turn 503 right after SIGTERM"
+            time.sleep(0.05)
+        assert httpx.get(proc.url + "/health", timeout=5).status_code == 200
+        refused = httpx.post(proc.url + "/v1/completions", json={"model": "q8_0", "prompt": "hi", "max_tokens": 2},
+                             timeout=10)
+        assert refused.status_code == 503 and refused.headers.get("retry-after"), refused.text
+        assert refused.json()["error"]["code"] == "server_shutting_down"
+        for t in threads:
+            t.join(120)
+        code = proc.proc.wait(timeout=120)
+    finally:
+        proc.stop()
+    log = proc.log()
+    assert code == 0, f"exit code {code}:\n{log}"
+    assert "Traceback" not in log, log
+    *long, (_, short) = streams
+    assert short["done"] and short["finish"] == "length", short
+    for _, out in long:
+        assert out["status"] == 200 and out["done"] and out["finish"] == "abort", out
+        # they kept streaming through the drain window, then were cut
+        assert drain - 1.5 <= out["ended"] - t_term <= drain + 20, (out["ended"] - t_term, out)

@@ -14,7 +14,7 @@ import pytest
 from shrinkserve.compression.cache import ArtifactCache
 from shrinkserve.compression.profiles import BaseSpec, ProfileBuilder, ProfileSpec
 from shrinkserve.compression.quality import EvalSet, Scorer, choice_logprobs, task_prompt
-from shrinkserve.server.registry import load_engine
+from shrinkserve.server.engines.loader import load_engine
 from tests.conftest import REPO, ServerProcess
 
 LIMIT = 6

@@ -131,7 +131,7 @@ def test_route_requests_are_labelled_with_the_routed_profile(traffic) -> None:
     _, after, _ = traffic
     labels = {lab.get("profile") for lab, _ in after.series("shrinkserve_requests_total")}
     assert "whatever" not in labels
-    assert labels <= {"base", "q8_0", "q4_k_m", "base-torch", "q4_0-lazy", "none"}
+    assert labels <= {"base", "q8_0", "q4_k_m", "base-torch", "q4_0-lazy", "q4-one-slot", "none"}
 
 
 def test_unknown_model_counted_under_profile_none(traffic) -> None:

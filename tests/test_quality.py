@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from shrinkserve.compression.cache import ArtifactCache
 from shrinkserve.compression.profiles import BaseSpec, ProfileBuilder, ProfileSpec
 from shrinkserve.compression.quality import EvalSet, Scorer, choice_logprobs, task_prompt
-from shrinkserve.server.registry import load_engine
+from shrinkserve.server.engines.loader import load_engine
 from tests.conftest import SHRINKSERVE, ServerProcess
 
 EVAL = {"max_tokens": 256, "tasks": 12}

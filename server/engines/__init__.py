@@ -1,1 +1,1 @@
-"""Engines behind one narrow interface."""
+"""In-process engines behind two narrow interfaces (engines/base.py): llama.cpp for GGUF, PyTorch for HF checkpoints."""

@@ -1,55 +1,35 @@
-"""The narrow interface every engine implements.
+"""The two narrow interfaces every in-process engine implements, and the CPU budget they share.
 
-An engine owns loaded weights and a tokenizer. It hands out `Sequence`s: one KV cache each, which
-take token ids and return next-token logits. Sampling, stop handling, logprobs and cancellation
-live above engines (server/generation.py), so every engine behaves the same for the same logits.
+- `Tokenizer`: text ↔ ids, each token's output bytes, specials and chat template.
+- `BatchModel`: a fixed set of KV slots driven by ONE thread; `step(work)` runs one forward over
+  several slots (decode rows of many sequences, or a prefill chunk) and returns raw logits.
+
+An `Engine` is both (for llama.cpp the tokenizer lives in the GGUF): loaded weights that hand out batch
+models (`new_batch`, what a serving core drives) and single sequences (`new_sequence`, what quality
+evaluation and tools drive). Sampling, stop handling, logprobs and cancellation live above engines
+(server/runtime/decode.py), so every engine behaves the same for the same logits.
 """
 
 from __future__ import annotations
 
+import heapq
+import os
+import threading
 from abc import ABC, abstractmethod
+from collections import deque
+from collections.abc import Callable, Iterator
 from collections.abc import Sequence as Seq
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 
-class Sequence(ABC):
-    """One generation slot: a KV cache and the tokens it holds."""
-
-    tokens: list[int]
-    # Where the prefill that computed the cached positions cut its chunks (see generation.prefill).
-    prefill_ends: list[int]
-
-    @abstractmethod
-    def forward(self, ids: Seq[int], *, all_logits: bool) -> np.ndarray:
-        """Append `ids` (at most `Engine.max_batch` of them) to the cache.
-
-        Returns float32 logits of shape [len(ids), vocab] if `all_logits`, else [1, vocab] for the last.
-        """
-
-    def truncate(self, n: int) -> None:
-        """Keep only the first `n` cached tokens (prefix reuse across requests)."""
-        if n < len(self.tokens):
-            self._drop_from(n)
-            del self.tokens[n:]
-        self.prefill_ends = [e for e in self.prefill_ends if e <= n]
-
-    @abstractmethod
-    def _drop_from(self, n: int) -> None:
-        """Remove cached positions n.. from the KV cache."""
-
-    def reset(self) -> None:
-        self.truncate(0)
-
-    def close(self) -> None:  # noqa: B027 - most engines free a sequence with the garbage collector
-        """Free the sequence's native memory now (a llama.cpp context); unusable afterwards."""
-
-
-class Engine(ABC):
+class Tokenizer(ABC):
     name: str
-    context_length: int
+    context_length: int  # the most tokens one sequence may hold (prompt + completion)
     vocab_size: int
-    max_batch: int  # most tokens one forward() call takes
     eos_token_ids: frozenset[int]
     bos_token: str | None
     eos_token: str | None
@@ -69,10 +49,262 @@ class Engine(ABC):
     def token_text(self, token_id: int) -> str:
         return self.token_bytes(token_id).decode("utf-8", errors="replace")
 
+
+@dataclass(eq=False)
+class Slot:
+    """One sequence's KV within a batch model: `id` is its llama.cpp seq_id / cache index."""
+
+    id: int
+    tokens: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Work:
+    """One slot's part of a forward: append `ids` to its KV; logits for every id or only the last."""
+
+    slot: Slot
+    ids: Seq[int]
+    all_logits: bool = False
+
+
+class BatchModel(ABC):
+    """KV slots over shared weights, driven by one thread (a core's scheduler, or a single sequence).
+
+    A slot's KV is freed or truncated only between steps, by the thread that runs the steps: that
+    is what guarantees a KV cache is never reused while a forward still touches it.
+    """
+
+    max_seqs: int  # slots
+    slot_capacity: int  # most tokens one slot holds
+    max_chunk: int  # most tokens of one slot in one step (prefill chunk size)
+
+    def __init__(self, max_seqs: int) -> None:
+        self.max_seqs = max_seqs
+        self._free = list(range(max_seqs))  # a heap: the lowest id is reused first (see llamacpp.py)
+        self._slots: dict[int, Slot] = {}
+
+    @property
+    def kv_total_tokens(self) -> int:
+        return self.max_seqs * self.slot_capacity
+
+    def kv_used_tokens(self) -> int:
+        return sum(len(s.tokens) for s in self._slots.values())
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free)
+
+    def acquire(self) -> Slot:
+        if not self._free:
+            raise RuntimeError("no free slot")
+        slot = Slot(heapq.heappop(self._free))
+        self._slots[slot.id] = slot
+        return slot
+
+    def release(self, slot: Slot) -> None:
+        self.truncate(slot, 0)
+        del self._slots[slot.id]
+        heapq.heappush(self._free, slot.id)
+
+    def truncate(self, slot: Slot, n: int) -> None:
+        """Keep only the first `n` cached tokens of the slot."""
+        if n < len(slot.tokens):
+            self._drop_from(slot, n)
+            del slot.tokens[n:]
+
     @abstractmethod
+    def _drop_from(self, slot: Slot, n: int) -> None:
+        """Remove cached positions n.. of the slot from the KV cache."""
+
+    def check(self, work: Seq[Work]) -> None:
+        for w in work:
+            n = len(w.ids)
+            if not 0 < n <= self.max_chunk:
+                raise ValueError(f"a step takes 1..{self.max_chunk} tokens per slot, got {n}")
+            if len(w.slot.tokens) + n > self.slot_capacity:
+                raise ValueError(f"slot {w.slot.id} would exceed its {self.slot_capacity} tokens")
+        if len({w.slot.id for w in work}) != len(work):
+            raise ValueError("a slot appears twice in one step")
+
+    @abstractmethod
+    def step(self, work: Seq[Work]) -> list[np.ndarray]:
+        """One forward over all `work` items; per item float32 logits [len(ids), vocab] if all_logits
+        else [1, vocab] (the last id's). Appends the ids to the slots' `tokens`."""
+
+    def close(self) -> None:  # noqa: B027 - most models free their caches with the garbage collector
+        """Free native memory now; unusable afterwards."""
+
+
+class Sequence:
+    """A single sequence over a one-slot batch model: the API quality evaluation and tools drive."""
+
+    def __init__(self, model: BatchModel) -> None:
+        self.model = model
+        self.slot = model.acquire()
+        # Where the prefill that computed the cached positions cut its chunks (runtime/prefill.py).
+        self.prefill_ends: list[int] = []
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.slot.tokens
+
+    def forward(self, ids: Seq[int], *, all_logits: bool) -> np.ndarray:
+        """Append `ids` (at most `max_chunk` of them); logits [len(ids), vocab] or [1, vocab]."""
+        return self.model.step([Work(self.slot, list(ids), all_logits)])[0]
+
+    def truncate(self, n: int) -> None:
+        """Keep only the first `n` cached tokens (prefix reuse across requests)."""
+        self.model.truncate(self.slot, n)
+        self.prefill_ends = [e for e in self.prefill_ends if e <= n]
+
+    def reset(self) -> None:
+        self.truncate(0)
+
+    def close(self) -> None:
+        self.model.close()
+
+
+class Engine(Tokenizer):
+    """Loaded weights + tokenizer; hands out batch models and single sequences."""
+
+    max_batch: int  # most tokens one forward of one sequence takes (prefill chunk size)
+
+    @abstractmethod
+    def new_batch(self, max_seqs: int, slot_capacity: int) -> BatchModel:
+        """`max_seqs` KV slots of `slot_capacity` tokens each, for one scheduler thread."""
+
     def new_sequence(self) -> Sequence:
-        """A fresh slot; callers keep one per concurrent generation."""
+        """A fresh single sequence of the full context length (its own KV; safe beside a serving core)."""
+        return Sequence(self.new_batch(1, self.context_length))
 
     @abstractmethod
     def close(self) -> None:
         """Free native memory; the engine is unusable afterwards."""
+
+
+class CpuBudget:
+    """Process-wide CPU threads shared by every forward of every profile, handed out first come, first served.
+
+    Each profile's scheduler thread (and each evaluation) runs native forwards with their own thread
+    teams; two profiles decoding at once with 2 threads each on 2 cores spin against each other, and
+    torch's thread count is process-global (measured: `torch.set_num_threads` in one thread changes
+    what every other thread's ops use). So a forward first takes as many units as it runs threads;
+    forwards of one `group` (torch) run concurrently only with the same thread count (`tag`).
+    """
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self._cond = threading.Condition()
+        self._used = 0
+        self._queue: deque[object] = deque()
+        self._tags: dict[str, tuple[int, int]] = {}  # group → (tag, holders)
+
+    def configure(self, total: int) -> None:
+        with self._cond:
+            self.total = max(1, total)
+            self._cond.notify_all()
+
+    @contextmanager
+    def use(self, n: int, group: str | None = None, tag: int = 0) -> Iterator[int]:
+        """Hold min(n, total) units; yields how many were granted (run that many threads)."""
+        me = object()
+        with self._cond:
+            n = max(1, min(n, self.total))
+            self._queue.append(me)
+
+            def can_go() -> bool:
+                if self._queue[0] is not me or self._used + n > self.total:
+                    return False
+                held = self._tags.get(group) if group else None
+                return held is None or held[0] == tag or held[1] == 0
+
+            self._cond.wait_for(can_go)
+            self._queue.popleft()
+            self._used += n
+            if group:
+                held = self._tags.get(group)
+                self._tags[group] = (tag, (held[1] if held and held[0] == tag else 0) + 1)
+            self._cond.notify_all()  # the next in line may fit beside us
+        try:
+            yield n
+        finally:
+            with self._cond:
+                self._used -= n
+                if group:
+                    t, holders = self._tags[group]
+                    self._tags[group] = (t, holders - 1)
+                self._cond.notify_all()
+
+
+CPU = CpuBudget(2)
+
+
+_PRESSURE = (Path("/sys/fs/cgroup/cpu.pressure"), Path("/proc/pressure/cpu"))
+
+
+def box_is_busy(threshold: float = 20.0) -> bool:
+    """CPU contention now: the share of the last 10 s in which some runnable task of this cgroup (else of
+    the machine) waited for a CPU (Linux PSI "some avg10", percent); without PSI, a load average above
+    our CPU budget. A container's /proc/loadavg is the node's, so PSI of our own cgroup comes first."""
+    for path in _PRESSURE:
+        try:
+            first = path.read_text().split("\n", 1)[0]  # "some avg10=8.89 avg60=... total=..."
+            return float(first.split()[1].split("=")[1]) > threshold
+        except (OSError, IndexError, ValueError):
+            continue
+    try:
+        return os.getloadavg()[0] > CPU.total - 0.5
+    except OSError:  # pragma: no cover
+        return False
+
+
+class ThreadTuner:
+    """Picks the thread count of each forward by measurement, per shape of step, and keeps measuring.
+
+    Measured on the shared 2-core box (q4_k_m): with the other core busy, a single-token step took 32 ms
+    on 1 OpenMP thread and 2.2 s on 2 (every op ends in a barrier that waits for a descheduled thread);
+    on an idle box 2 threads win for batched steps. So each step shape (1, 2-3, 4-7, ... tokens) keeps a
+    moving average of its step time per candidate count and uses the fastest. A slower candidate is tried
+    again once the steps since its last try took `patience` times its own average, so exploring costs
+    about 1/patience of the time (2%), however slow the other option is. A larger team is only tried while
+    the box has no CPU contention (`busy()` false): one try on a busy box can cost seconds.
+    """
+
+    def __init__(self, candidates: Seq[int], patience: float = 50.0, alpha: float = 0.25,
+                 busy: Callable[[], bool] = box_is_busy) -> None:
+        self.candidates = sorted(set(candidates))
+        self.patience = patience
+        self.alpha = alpha
+        self.busy = busy
+        self._avg: dict[tuple[int, int], float] = {}
+        self._since: dict[tuple[int, int], float] = {}  # bucket time spent since this count was last used
+
+    @staticmethod
+    def bucket(n_tokens: int) -> int:
+        return n_tokens.bit_length()  # 1, 2-3, 4-7, 8-15, ...
+
+    def pick(self, n_tokens: int) -> int:
+        if len(self.candidates) == 1:
+            return self.candidates[0]
+        b = self.bucket(n_tokens)
+        tried = [t for t in self.candidates if (b, t) in self._avg]
+        if not tried:  # a baseline first: the largest team, unless the box is busy
+            return self.candidates[0] if self.busy() else self.candidates[-1]
+        best = min(tried, key=lambda t: self._avg[(b, t)])
+        for t in self.candidates:
+            if t == best:
+                continue
+            if (b, t) not in self._avg and t < best:
+                return t  # a smaller team is tried at once: at worst it is a few times slower
+            due = self._since.get((b, t), 0.0) >= self.patience * self._avg.get((b, t), self._avg[(b, best)])
+            if due and not (t > best and self.busy()):
+                return t
+        return best
+
+    def record(self, n_tokens: int, threads: int, seconds: float) -> None:
+        b = self.bucket(n_tokens)
+        key = (b, threads)
+        old = self._avg.get(key)
+        self._avg[key] = seconds if old is None else old + self.alpha * (seconds - old)
+        for t in self.candidates:
+            self._since[(b, t)] = 0.0 if t == threads else self._since.get((b, t), 0.0) + seconds

@@ -1,74 +1,129 @@
 """llama.cpp engine (llama-cpp-python's low-level bindings) for GGUF profiles.
 
-One `llama_model` is loaded per profile and shared by every slot; each slot owns a `llama_context`
-(its own KV cache). We read raw logits and do sampling and logprobs ourselves: llama-cpp-python's
-own `echo` logprobs were wrong on this machine, and the same code then serves the PyTorch engine.
+One `llama_model` per profile. A batch model is ONE `llama_context` with `n_seq_max` = slots and
+per-sequence KV (`kv_unified = false`): its `n_ctx` is split evenly across the slots, each slot is a
+`seq_id`, and a step is one `llama_decode` whose `llama_batch` entries carry their `seq_id`. A slot is
+freed with `llama_memory_seq_rm` of its own sequence; the whole memory of a shared context is never
+cleared. We read raw logits and do sampling and logprobs ourselves: llama-cpp-python's own `echo`
+logprobs were wrong on this machine, and the same code then serves the PyTorch engine.
 """
 
 from __future__ import annotations
 
 import ctypes
 import threading
+import time
 from collections.abc import Sequence as Seq
 from pathlib import Path
 
 import numpy as np
 
 from shrinkserve.compression.gguf import quiet_llama_cpp
-from shrinkserve.server.engines.base import Engine, Sequence
+from shrinkserve.server.engines.base import CPU, BatchModel, Engine, Slot, ThreadTuner, Work
+
+# llama.cpp pads each sequence's share of n_ctx to a multiple of this (llama-context.cpp, GGML_PAD(.., 256)).
+KV_PAD = 256
 
 
-class LlamaCppSequence(Sequence):
-    def __init__(self, engine: LlamaCppEngine) -> None:
+class LlamaCppBatch(BatchModel):
+    def __init__(self, engine: LlamaCppEngine, max_seqs: int, slot_capacity: int) -> None:
         import llama_cpp
         from llama_cpp import _internals, llama_context_default_params
 
+        super().__init__(max_seqs)
+        self._engine = engine
+        self.slot_capacity = slot_capacity
+        self.max_chunk = engine.max_batch
+        per_seq = -(-slot_capacity // KV_PAD) * KV_PAD
         params = llama_context_default_params()
-        params.n_ctx = engine.context_length
-        params.n_batch = engine.max_batch
-        params.n_ubatch = engine.max_batch
-        params.n_threads = engine.threads
-        params.n_threads_batch = engine.threads
+        params.n_ctx = per_seq * max_seqs
+        params.n_seq_max = max_seqs
+        # Per-sequence KV: a sequence attends over its own cells only, so a batched step costs what
+        # its sequences need (a unified buffer makes every row attend over every sequence's cells,
+        # masked) and a sequence's logits do not depend on where other sequences sit in memory.
+        params.kv_unified = False
+        params.n_batch = params.n_ubatch = max(engine.max_batch, max_seqs)
+        params.n_threads = params.n_threads_batch = engine.threads
         params.no_perf = True
         # "auto" turns flash attention on for CPU, whose f16 accumulation visibly changed greedy output
         # of this small model (Q8_0 answered a different sentence than llama_cpp.Llama, which disables it).
         params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if engine.flash_attn else (
             llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
-        self._engine = engine
         self._ctx = _internals.LlamaContext(model=engine._model, params=params, verbose=False)
-        self._batch = _internals.LlamaBatch(n_tokens=engine.max_batch, embd=0, n_seq_max=1, verbose=False)
-        self.tokens: list[int] = []
-        self.prefill_ends: list[int] = []
+        self._mem = llama_cpp.llama_get_memory(self._ctx.ctx)
+        self._n_batch = params.n_batch
+        self._batch = llama_cpp.llama_batch_init(self._n_batch, 0, 1)
+        self._tuner = ThreadTuner(engine.thread_candidates)
+        self._set_threads = 0
+        self._closed = False
+        with engine._lock:
+            engine._batches.append(self)
 
-    def forward(self, ids: Seq[int], *, all_logits: bool) -> np.ndarray:
+    @property
+    def kv_total_tokens(self) -> int:
+        return self.max_seqs * self.slot_capacity
+
+    def _drop_from(self, slot: Slot, n: int) -> None:
         import llama_cpp
 
-        n = len(ids)
-        if not 0 < n <= self._engine.max_batch:
-            raise ValueError(f"forward takes 1..{self._engine.max_batch} tokens, got {n}")
-        if len(self.tokens) + n > self._engine.context_length:
-            raise ValueError("sequence would exceed the context length")
-        self._batch.set_batch(list(ids), n_past=len(self.tokens), logits_all=all_logits)
-        self._ctx.decode(self._batch)
-        self.tokens.extend(ids)
-        vocab = self._engine.vocab_size
-        if all_logits:
-            ptr = llama_cpp.llama_get_logits(self._ctx.ctx)
-            return np.ctypeslib.as_array(ptr, shape=(n, vocab)).copy()
-        ptr = llama_cpp.llama_get_logits_ith(self._ctx.ctx, -1)
-        return np.ctypeslib.as_array(ptr, shape=(1, vocab)).copy()
+        llama_cpp.llama_memory_seq_rm(self._mem, slot.id, n, -1)
 
-    def _drop_from(self, n: int) -> None:
-        if n == 0:
-            self._ctx.kv_cache_clear()
-        else:
-            self._ctx.kv_cache_seq_rm(0, n, -1)
+    def step(self, work: Seq[Work]) -> list[np.ndarray]:
+        import llama_cpp
+
+        self.check(work)
+        # Ascending, contiguous seq ids keep the batch in one ubatch: llama.cpp's split for
+        # per-sequence KV takes only consecutive seq ids into one ubatch (llama-batch.cpp split_equal).
+        order = sorted(range(len(work)), key=lambda i: work[i].slot.id)
+        b = self._batch
+        n = n_out = 0
+        first_out: list[int] = [0] * len(work)
+        for i in order:
+            w = work[i]
+            ids, pos0, sid = w.ids, len(w.slot.tokens), w.slot.id
+            first_out[i] = n_out  # its outputs come next (llama_get_logits returns them in batch order)
+            last = len(ids) - 1
+            for j, tok in enumerate(ids):
+                b.token[n] = tok
+                b.pos[n] = pos0 + j
+                b.n_seq_id[n] = 1
+                b.seq_id[n][0] = sid
+                out = w.all_logits or j == last
+                b.logits[n] = out
+                n += 1
+                n_out += out
+        if n > self._n_batch:
+            raise ValueError(f"a step takes at most {self._n_batch} tokens, got {n}")
+        b.n_tokens = n
+        with CPU.use(self._tuner.pick(n)) as threads:
+            if threads != self._set_threads:
+                llama_cpp.llama_set_n_threads(self._ctx.ctx, threads, threads)
+                self._set_threads = threads
+            t0 = time.perf_counter()
+            rc = llama_cpp.llama_decode(self._ctx.ctx, b)
+            self._tuner.record(n, threads, time.perf_counter() - t0)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode returned {rc}")
+        vocab = self._engine.vocab_size
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits(self._ctx.ctx), shape=(n_out, vocab))
+        rows: list[np.ndarray] = []
+        for i, w in enumerate(work):
+            w.slot.tokens.extend(w.ids)
+            k = len(w.ids) if w.all_logits else 1
+            start = first_out[i]
+            rows.append(logits[start : start + k].copy())
+        return rows
 
     def close(self) -> None:
+        import llama_cpp
+
         with self._engine._lock:
-            if self in self._engine._sequences:
-                self._engine._sequences.remove(self)
-        self._batch.close()
+            if self._closed:
+                return
+            self._closed = True
+            if self in self._engine._batches:
+                self._engine._batches.remove(self)
+        llama_cpp.llama_batch_free(self._batch)
         self._ctx.close()
 
 
@@ -85,6 +140,9 @@ class LlamaCppEngine(Engine):
         quiet_llama_cpp()
         llama_cpp.llama_backend_init()
         self.threads = threads
+        # Thread counts each step chooses from by measurement (ThreadTuner): the configured count and,
+        # for 2+ threads, half of it (1 thread decoded a single token as fast as 2 here, issue 9).
+        self.thread_candidates = sorted({threads, max(1, threads // 2)})
         self.flash_attn = flash_attn
         self.max_batch = max_batch
         self._model = _internals.LlamaModel(
@@ -102,7 +160,7 @@ class LlamaCppEngine(Engine):
         self.eos_token = self._model.token_get_text(eos) if eos >= 0 else None
         template = llama_cpp.llama_model_chat_template(self._model.model, None)
         self.chat_template = template.decode("utf-8") if template else None
-        self._sequences: list[LlamaCppSequence] = []
+        self._batches: list[LlamaCppBatch] = []
         self._lock = threading.Lock()
 
     @staticmethod
@@ -119,15 +177,12 @@ class LlamaCppEngine(Engine):
     def token_bytes(self, token_id: int) -> bytes:
         return self._pieces[token_id]
 
-    def new_sequence(self) -> LlamaCppSequence:
-        seq = LlamaCppSequence(self)
-        with self._lock:
-            self._sequences.append(seq)
-        return seq
+    def new_batch(self, max_seqs: int, slot_capacity: int) -> LlamaCppBatch:
+        return LlamaCppBatch(self, max_seqs, min(slot_capacity, self.context_length))
 
     def close(self) -> None:
         with self._lock:
-            seqs, self._sequences = self._sequences, []
-        for seq in seqs:
-            seq.close()
+            batches, self._batches = self._batches, []
+        for batch in batches:
+            batch.close()
         self._model.close()

@@ -1,0 +1,1 @@
+"""Between a GenerationRequest and a model: decode state, schedulers (cores), profiles; no HTTP."""

@@ -111,7 +111,23 @@ Kubernetes CPU quantities: 2, "2", "1.5", "1500m".
 {{- end }}
 
 {{/* Combinations the schema cannot express; fail at render time with the reason. */}}
+{{/* preStop sleep + drain + 15 s to stop the engines, unless set explicitly (then it must cover the first two). */}}
+{{- define "shrinkserve.drainBudget" -}}
+{{- add (int .Values.server.preStopSleepSeconds) (ceil .Values.server.drainTimeoutSeconds | int) -}}
+{{- end }}
+
+{{- define "shrinkserve.terminationGracePeriodSeconds" -}}
+{{- if kindIs "invalid" .Values.terminationGracePeriodSeconds -}}
+{{- add (include "shrinkserve.drainBudget" . | int) 15 -}}
+{{- else -}}
+{{- .Values.terminationGracePeriodSeconds | int -}}
+{{- end -}}
+{{- end }}
+
 {{- define "shrinkserve.validate" -}}
+{{- if and (not (kindIs "invalid" .Values.terminationGracePeriodSeconds)) (lt (int .Values.terminationGracePeriodSeconds) (include "shrinkserve.drainBudget" . | int)) }}
+{{- fail (printf "terminationGracePeriodSeconds (%d) must cover server.preStopSleepSeconds + server.drainTimeoutSeconds (%s), or the kubelet kills running generations mid-drain" (int .Values.terminationGracePeriodSeconds) (include "shrinkserve.drainBudget" .)) }}
+{{- end }}
 {{- if and (or (gt (int .Values.replicaCount) 1) .Values.autoscaling.enabled) (include "shrinkserve.cacheIsRWO" .) }}
 {{- fail "several replicas (replicaCount > 1 or autoscaling.enabled) share the cache PVC: set cache.persistence.accessModes to [ReadWriteMany], or use cache.persistence.existingClaim, or cache.persistence.enabled=false" }}
 {{- end }}

@@ -1,25 +1,14 @@
-"""Sampling and logprobs from raw next-token logits, the same for every engine."""
+"""Sampling and logprobs from raw next-token logits, the same for every in-process engine."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
+
+from shrinkserve.server.runtime.types import SamplingParams
 
 # top_p usually keeps a few dozen tokens; sorting only this many candidates instead of the whole
 # vocabulary keeps per-token sampling cost well under a millisecond.
 _TOP_P_CANDIDATES = 512
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    logprobs: int | None = None  # None: no logprobs; k ≥ 0: the chosen token's plus the top k
-    ignore_eos: bool = False
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:

@@ -2,9 +2,11 @@
 
 Sends `requests` streaming chat/completions requests with at most `concurrency` in flight and measures,
 from the client's side of the socket, what a user would feel: time to first token (TTFT), inter-token
-latency (ITL), per-stream decode speed and aggregate throughput.
+latency (ITL), per-stream decode speed and aggregate throughput. `--sweep 1,2,4,8,16` runs one level
+after another and prints them as one table; `--pid` samples the server's RSS during each level.
 
-Usage: ``python -m shrinkserve.server.bench --model NAME [--concurrency 4 ...]`` (also ``shrinkserve bench``).
+Usage: ``shrinkserve bench --url http://host:8000/v1 --model NAME [--sweep 1,2,4,8,16]`` (also
+``python -m shrinkserve.server.tools.bench``); any OpenAI-compatible server works.
 """
 
 from __future__ import annotations
@@ -314,6 +316,7 @@ class BenchResult:
     decode_tps_per_stream: float | None
     aggregate_tps: float | None
     errors: list[str] = field(default_factory=list)
+    server_rss_max_bytes: int | None = None  # with --pid: the server's peak RSS while this run lasted
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -371,6 +374,26 @@ async def _run_requests(
     return records
 
 
+def process_rss(pid: int) -> int | None:
+    """Resident set size of a local process (Linux /proc), None if it is gone or unreadable."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+async def _sample_rss(pid: int, peak: list[int], every: float = 0.2) -> None:
+    while True:
+        rss = process_rss(pid)
+        if rss is not None and rss > peak[0]:
+            peak[0] = rss
+        await asyncio.sleep(every)
+
+
 async def run_bench(
     base_url: str,
     model: str,
@@ -384,6 +407,7 @@ async def run_bench(
     timeout: float = 600,
     ignore_eos: bool = False,
     warmup: int = 0,
+    pid: int | None = None,
 ) -> BenchResult:
     """Run the load and summarize it. `warmup` requests go first, one at a time, and are not counted."""
     if concurrency < 1 or requests < 1 or max_tokens < 1:
@@ -396,10 +420,18 @@ async def run_bench(
             rec = await send_one(client, url, body, api)
             if rec.error:
                 print(f"warmup request failed: {rec.error}", file=sys.stderr)
+        peak = [0]
+        sampler = asyncio.ensure_future(_sample_rss(pid, peak)) if pid is not None else None
         t0 = time.perf_counter()
-        records = await _run_requests(client, url, body, api, concurrency=concurrency, requests=requests)
+        try:
+            records = await _run_requests(client, url, body, api, concurrency=concurrency, requests=requests)
+        finally:
+            if sampler is not None:
+                sampler.cancel()
         wall = time.perf_counter() - t0
-    return summarize(records, api=api, concurrency=concurrency, max_tokens=max_tokens, wall_time_s=wall)
+    result = summarize(records, api=api, concurrency=concurrency, max_tokens=max_tokens, wall_time_s=wall)
+    result.server_rss_max_bytes = peak[0] or None
+    return result
 
 
 # --------------------------------------------------------------------------------------------------
@@ -426,6 +458,7 @@ def result_rows(r: BenchResult) -> list[tuple[str, str]]:
         ("aggregate tok/s", fmt_num(r.aggregate_tps)),
         ("output tokens", f"{r.total_output_tokens} ({token_source})"),
         ("wall time (s)", fmt_num(r.wall_time_s, 2)),
+        *([("server RSS peak (MiB)", f"{r.server_rss_max_bytes / 2**20:.0f}")] if r.server_rss_max_bytes else []),
     ]
 
 
@@ -442,14 +475,46 @@ def format_result(result: BenchResult, label: str) -> str:
     return "\n".join(lines)
 
 
+def format_sweep(results: Sequence[BenchResult], label: str) -> str:
+    """One row per concurrency level: per-stream and aggregate tok/s, TTFT and ITL percentiles, RSS."""
+    base = results[0].aggregate_tps if results and results[0].concurrency == 1 else None
+    head = (f"{label}: api={results[0].api} max_tokens={results[0].max_tokens}\n" if results else "") + (
+        "| streams | requests ok/failed | per-stream tok/s | aggregate tok/s | vs 1 stream | TTFT p50 / p95 (ms) "
+        "| ITL p50 / p95 (ms) | server RSS (MiB) |\n|---|---|---|---|---|---|---|---|")
+    rows = []
+    for r in results:
+        ratio = f"{r.aggregate_tps / base:.2f}x" if base and r.aggregate_tps else "-"
+        rss = f"{r.server_rss_max_bytes / 2**20:.0f}" if r.server_rss_max_bytes else "-"
+        rows.append(f"| {r.concurrency} | {r.requests_ok}/{r.requests_failed} | {fmt_num(r.decode_tps_per_stream)} | "
+                    f"{fmt_num(r.aggregate_tps)} | {ratio} | {fmt_ms(r.ttft_p50_s)} / {fmt_ms(r.ttft_p95_s)} | "
+                    f"{fmt_ms(r.itl_p50_s)} / {fmt_ms(r.itl_p95_s)} | {rss} |")
+    errors = [f"error ({r.concurrency} streams): {e}" for r in results for e in r.errors]
+    return "\n".join([head, *rows, *errors])
+
+
+def parse_levels(text: str) -> list[int]:
+    try:
+        levels = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--sweep takes comma-separated integers, got {text!r}") from None
+    if not levels or min(levels) < 1:
+        raise argparse.ArgumentTypeError("--sweep levels must be >= 1")
+    return levels
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="shrinkserve bench", description="Streaming load test of an OpenAI-compatible server."
     )
-    p.add_argument("--base-url", default=DEFAULT_BASE_URL, help="API root incl. /v1 (default: %(default)s)")
+    p.add_argument("--base-url", "--url", dest="base_url", default=DEFAULT_BASE_URL,
+                   help="API root incl. /v1 (default: %(default)s)")
     p.add_argument("--model", required=True, help="model name to request")
     p.add_argument("--concurrency", type=int, default=1, help="requests in flight (default: 1)")
-    p.add_argument("--requests", type=int, default=None, help="total requests (default: 4 x concurrency)")
+    p.add_argument("--sweep", type=parse_levels, metavar="N,N,...",
+                   help="run these concurrency levels one after another (e.g. 1,2,4,8,16) instead of --concurrency")
+    p.add_argument("--requests", type=int, default=None,
+                   help="total requests per level (default: 4 x concurrency; 2 x concurrency in a sweep)")
+    p.add_argument("--pid", type=int, help="server process id (local): report its peak RSS per level")
     p.add_argument("--max-tokens", type=int, default=128, help="max_tokens per request (default: 128)")
     p.add_argument("--prompt", default=None, help="prompt / user message (default: a short-story request)")
     p.add_argument("--api", choices=["chat", "completions"], default="chat", help="endpoint (default: chat)")
@@ -472,31 +537,35 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point. Exit code 0 when every counted request succeeded, 1 otherwise."""
     args = build_parser().parse_args(argv)
-    requests = args.requests if args.requests is not None else 4 * args.concurrency
+    levels = args.sweep or [args.concurrency]
+
+    async def run_all() -> list[BenchResult]:
+        out = []
+        for i, level in enumerate(levels):
+            default = (2 if args.sweep else 4) * level
+            out.append(await run_bench(
+                args.base_url, args.model, concurrency=level,
+                requests=args.requests if args.requests is not None else default, max_tokens=args.max_tokens,
+                prompt=args.prompt if args.prompt is not None else default_prompt(args.api), api=args.api,
+                temperature=args.temperature, timeout=args.timeout, ignore_eos=args.ignore_eos,
+                warmup=args.warmup if i == 0 else 0, pid=args.pid))
+            if args.sweep and not args.json:
+                print(f"  {level} streams: {fmt_num(out[-1].aggregate_tps)} tok/s aggregate", file=sys.stderr)
+        return out
+
     try:
-        result = asyncio.run(
-            run_bench(
-                args.base_url,
-                args.model,
-                concurrency=args.concurrency,
-                requests=requests,
-                max_tokens=args.max_tokens,
-                prompt=args.prompt if args.prompt is not None else default_prompt(args.api),
-                api=args.api,
-                temperature=args.temperature,
-                timeout=args.timeout,
-                ignore_eos=args.ignore_eos,
-                warmup=args.warmup,
-            )
-        )
+        results = asyncio.run(run_all())
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps(result.to_dict(), indent=2))
+        doc = {"sweep": [r.to_dict() for r in results]} if args.sweep else results[0].to_dict()
+        print(json.dumps(doc, indent=2))
+    elif args.sweep:
+        print(format_sweep(results, args.model))
     else:
-        print(format_result(result, args.model))
-    return 0 if result.requests_failed == 0 else 1
+        print(format_result(results[0], args.model))
+    return 0 if all(r.requests_failed == 0 for r in results) else 1
 
 
 if __name__ == "__main__":

@@ -1,4 +1,9 @@
-"""Profiles at run time: build → load → ready, a bounded pool of slots and a bounded wait queue each."""
+"""Profiles at run time: build → load → (evaluate) → ready, each served by its own core.
+
+`ProfileRuntime` is one profile's state machine; `Registry` maps names to runtimes, loads eager
+profiles at start and lazy ones on first use, applies quality gates, drains and closes every core.
+Admission, scheduling and KV slots belong to the cores (runtime/batching.py), not to the registry.
+"""
 
 from __future__ import annotations
 
@@ -6,17 +11,21 @@ import asyncio
 import logging
 import os
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Literal
 
 from shrinkserve.compression.cache import ArtifactCache
 from shrinkserve.compression.profiles import BuiltProfile, ProfileBuilder, ProfileSpec
-from shrinkserve.server.engines.base import Engine, Sequence
-from shrinkserve.server.errors import APIError, not_ready
-from shrinkserve.server.metrics import Metrics
+from shrinkserve.server.engines.base import CPU, Engine
+from shrinkserve.server.engines.loader import load_engine
 from shrinkserve.server.quality_runner import EvaluationCancelled, Evaluator, gate_failures
-from shrinkserve.server.settings import Settings
+from shrinkserve.server.runtime.batching import BatchingCore
+from shrinkserve.server.runtime.capture import CaptureQueue
+from shrinkserve.server.runtime.core import EngineCore
+from shrinkserve.server.runtime.metrics import Metrics
+from shrinkserve.server.runtime.types import CoreStats
+from shrinkserve.server.settings import ResolvedServing, Settings
+from shrinkserve.server.traffic_log import TrafficLog
 
 log = logging.getLogger("shrinkserve.registry")
 
@@ -28,32 +37,32 @@ def process_rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def load_engine(built: BuiltProfile, spec: ProfileSpec, threads: int) -> Engine:
-    if built.engine == "llamacpp":
-        from shrinkserve.server.engines.llamacpp import LlamaCppEngine
+class NotServed(Exception):
+    """A profile cannot serve now; `code` is profile_not_ready or quality_gate_failed (both 503)."""
 
-        return LlamaCppEngine(built.path, threads=spec.threads or threads, context_length=spec.context_length)
-    from shrinkserve.server.engines.torch_engine import TorchEngine
+    def __init__(self, message: str, code: str) -> None:
+        super().__init__(message)
+        self.code = code
 
-    return TorchEngine(built.path, threads=spec.threads or threads, dtype=spec.dtype,
-                       context_length=spec.context_length)
+
+class UnknownProfile(KeyError):
+    pass
 
 
 @dataclass
 class ProfileRuntime:
     name: str
     spec: ProfileSpec
+    serving: ResolvedServing
     state: State = "pending"
     error: str | None = None
     built: BuiltProfile | None = None
-    engine: Engine | None = None
+    engine: Engine | None = None  # its tokenizer side serves /tokenize; the core drives its weights
+    core: EngineCore | None = None
     resident_bytes: int | None = None
     routes: list[str] = field(default_factory=list)
     quality: dict | None = None  # the evaluation record for the current eval set, once measured
-    waiting: int = 0
-    running: int = 0
-    _slots: asyncio.Queue[Sequence] | None = None
-    _ready: threading.Event = field(default_factory=threading.Event)
+    ready_event: threading.Event = field(default_factory=threading.Event)
 
     @property
     def gate_failures(self) -> list[str]:
@@ -63,38 +72,66 @@ class ProfileRuntime:
         if self.state == "ready":
             return
         if self.state == "failed":
-            raise not_ready(self.name, f"failed to build or load: {self.error}")
+            raise NotServed(f"profile {self.name!r} is not ready: failed to build or load: {self.error}",
+                            "profile_not_ready")
         if self.state == "rejected":
-            raise APIError(503, f"profile {self.name!r} is not served: it failed its quality gate: "
-                                f"{'; '.join(self.gate_failures)}", code="quality_gate_failed")
-        raise not_ready(self.name, f"{self.state}")
+            raise NotServed(f"profile {self.name!r} is not served: it failed its quality gate: "
+                            f"{'; '.join(self.gate_failures)}", "quality_gate_failed")
+        raise NotServed(f"profile {self.name!r} is not ready: {self.state}", "profile_not_ready")
+
+
+def make_core(rt: ProfileRuntime, engine: Engine, metrics: Metrics, capture: CaptureQueue) -> BatchingCore:
+    """The profile's core, sized by its serving policy.
+
+    llama.cpp allocates KV up front, so its budget (default: one context) is split evenly across the
+    slots; PyTorch caches grow with use, so each slot may take the whole context and the budget
+    (default: slots x context) only caps what admitted requests may reserve.
+    """
+    s = rt.serving
+    seqs = 1 if s.scheduler == "serial" else s.max_num_seqs
+    ctx = engine.context_length
+    if engine.name == "llamacpp":
+        budget = s.kv_cache_tokens or ctx
+        capacity = min(ctx, max(16, budget // seqs))
+        kv_tokens = None
+    else:
+        capacity = ctx
+        kv_tokens = s.kv_cache_tokens or seqs * ctx
+    observer = capture.observer(rt.name, engine)
+    return BatchingCore(
+        rt.name, engine, max_seqs=seqs, slot_capacity=capacity, kv_tokens=kv_tokens, max_queue=s.max_queue,
+        observers=[observer] if observer else [],
+        on_queue_time=metrics.queue_time.labels(rt.name).observe,
+    )
 
 
 class Registry:
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self.settings = settings
         self.metrics = metrics
+        CPU.configure(settings.threads)
         self.cache = ArtifactCache(settings.cache_dir)
         self.builder = ProfileBuilder(
             self.cache, settings.bases, settings.profiles, threads=settings.threads,
             on_cache_event=lambda profile, result: metrics.cache_events.labels(profile, result).inc(),
         )
-        self.profiles = {name: ProfileRuntime(name, spec) for name, spec in settings.profiles.items()}
+        self.profiles = {name: ProfileRuntime(name, spec, settings.serving_for(name))
+                         for name, spec in settings.profiles.items()}
         for prefix, name in settings.routes.items():
             self.profiles[name].routes.append(prefix)
         for name in self.profiles:
             metrics.declare(name)
+        metrics.core_gauges.source = self.stats
+        self.capture = CaptureQueue(TrafficLog(settings.capture))
         self.evaluator = Evaluator(self.builder, settings.evaluation.evalset(), settings.threads)
-        self._loop: asyncio.AbstractEventLoop | None = None
         # Loading is measured by RSS deltas, so loads must not overlap.
         self._load_lock = threading.Lock()
         self._closed = False
 
     # ---------------------------------------------------------------- lifecycle
 
-    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+    def start(self) -> None:
         """Begin building and loading every eager profile, one after another, off the event loop."""
-        self._loop = loop
         eager = [p for p in self.profiles.values() if p.spec.load == "eager"]
         if eager:
             threading.Thread(target=self._load_all, args=(eager,), name="profile-loader", daemon=True).start()
@@ -151,15 +188,13 @@ class Registry:
                 rt.state = "loading"
                 before = process_rss()
                 engine = load_engine(built, rt.spec, self.settings.threads)
-                seqs = [engine.new_sequence() for _ in range(rt.spec.max_concurrency)]
-                seqs[0].forward(engine.tokenize("Hello")[:1] or [0], all_logits=False)  # touch every weight
-                seqs[0].reset()
+                core = make_core(rt, engine, self.metrics, self.capture)
+                if self._closed:  # shut down while loading: nobody else would stop this core
+                    core.close()
+                    return
                 rt.resident_bytes = max(0, process_rss() - before)
                 self.metrics.resident_bytes.labels(rt.name).set(rt.resident_bytes)
-                rt.engine = engine
-                assert self._loop is not None
-                fut = asyncio.run_coroutine_threadsafe(self._make_slots(rt, seqs), self._loop)
-                fut.result()
+                rt.engine, rt.core = engine, core
                 record = self.evaluator.stored(built, rt.spec)
                 if record is None and rt.spec.gate is not None:
                     # A gated profile is measured before it serves a single request.
@@ -170,37 +205,37 @@ class Registry:
                 if rt.state != "rejected":
                     rt.state = "ready"
                     self.metrics.profile_ready.labels(rt.name).set(1)
-                log.info("profile %s ready: %s, %d bytes on disk, +%d MiB RSS, %s", rt.name, built.method,
-                         built.bytes, rt.resident_bytes >> 20, "cache hit" if built.cache_hit else "built")
+                log.info("profile %s ready: %s, %d bytes on disk, +%d MiB RSS, %s, %s", rt.name, built.method,
+                         built.bytes, rt.resident_bytes >> 20, _describe(core),
+                         "cache hit" if built.cache_hit else "built")
             except Exception as exc:  # a broken profile must not take the others down
                 log.exception("profile %s failed", rt.name)
                 rt.state, rt.error = "failed", f"{type(exc).__name__}: {exc}"
             finally:
-                rt._ready.set()
+                rt.ready_event.set()
 
-    @staticmethod
-    async def _make_slots(rt: ProfileRuntime, seqs: list[Sequence]) -> None:
-        q: asyncio.Queue[Sequence] = asyncio.Queue()
-        for s in seqs:
-            q.put_nowait(s)
-        rt._slots = q
+    async def drain(self, deadline: float) -> None:
+        """Every core stops admitting, finishes what runs until `deadline`, then aborts the rest."""
+        cores = [rt.core for rt in self.profiles.values() if rt.core is not None]
+        await asyncio.gather(*(core.drain(deadline) for core in cores))
 
     def close(self) -> None:
+        """Evaluations stop first (they use the engines), then each core joins its thread and frees its engine."""
         self._closed = True
         self.evaluator.shutdown()
         for rt in self.profiles.values():
-            if rt.engine is not None:
-                rt.engine.close()
-                rt.engine = None
+            core, rt.core, rt.engine = rt.core, None, None
+            if core is not None:
+                core.close()
             rt.state = "pending" if rt.state == "ready" else rt.state
+        self.capture.close()
 
     # ---------------------------------------------------------------- requests
 
     def get(self, name: str) -> ProfileRuntime:
         rt = self.profiles.get(name)
         if rt is None:
-            raise APIError(404, f"the model {name!r} does not exist; see GET /v1/models", param="model",
-                           code="model_not_found")
+            raise UnknownProfile(name)
         return rt
 
     async def ensure_ready(self, rt: ProfileRuntime) -> None:
@@ -208,55 +243,25 @@ class Registry:
         if rt.state == "ready":
             return
         if rt.spec.load == "lazy" and rt.state in ("pending", "building", "loading", "evaluating"):
-            if rt.state == "pending":
+            if rt.state == "pending" and not self._closed:
                 threading.Thread(target=self._load_and_evaluate, args=(rt,), name=f"load-{rt.name}",
                                  daemon=True).start()
-            waited = await asyncio.to_thread(rt._ready.wait, self.settings.load_timeout_seconds)
+            waited = await asyncio.to_thread(rt.ready_event.wait, self.settings.load_timeout_seconds)
             if not waited:
-                raise not_ready(rt.name, f"still {rt.state} after {self.settings.load_timeout_seconds:.0f}s")
+                raise NotServed(f"profile {rt.name!r} is not ready: still {rt.state} after "
+                                f"{self.settings.load_timeout_seconds:.0f}s", "profile_not_ready")
         rt.check_ready()
 
-    def check_capacity(self, rt: ProfileRuntime) -> None:
-        """503 now if a request would find the profile's wait queue full."""
-        assert rt._slots is not None and rt.engine is not None
-        if rt._slots.empty() and rt.waiting >= rt.spec.max_queue:
-            raise APIError(503, f"profile {rt.name!r} is at capacity ({rt.spec.max_concurrency} running, "
-                                f"{rt.waiting} waiting); retry later", code="server_busy",
-                           headers={"Retry-After": "1"})
-
-    async def acquire(self, rt: ProfileRuntime) -> Sequence:
-        """A free slot of the profile (waiting in its queue); 503 when the queue is full.
-
-        The caller must hand the slot back with `release` once the thread using it has finished.
-        """
-        self.check_capacity(rt)
-        assert rt._slots is not None
-        rt.waiting += 1
-        self.metrics.waiting.labels(rt.name).set(rt.waiting)
-        t0 = time.perf_counter()
-        try:
-            seq = await rt._slots.get()
-        finally:
-            rt.waiting -= 1
-            self.metrics.waiting.labels(rt.name).set(rt.waiting)
-        self.metrics.queue_time.labels(rt.name).observe(time.perf_counter() - t0)
-        rt.running += 1
-        self.metrics.running.labels(rt.name).set(rt.running)
-        return seq
-
-    def release(self, rt: ProfileRuntime, seq: Sequence) -> None:
-        """Return a slot; safe to call from any thread."""
-
-        def put_back() -> None:
-            rt.running -= 1
-            self.metrics.running.labels(rt.name).set(rt.running)
-            assert rt._slots is not None
-            rt._slots.put_nowait(seq)
-
-        assert self._loop is not None
-        self._loop.call_soon_threadsafe(put_back)
+    def stats(self) -> dict[str, CoreStats | None]:
+        return {name: (rt.core.stats() if rt.core is not None else None) for name, rt in self.profiles.items()}
 
     @property
     def ready(self) -> bool:
         # A rejected profile is a decision, not a fault: the pod still serves the others.
         return all(rt.state in ("ready", "rejected") for rt in self.profiles.values() if rt.spec.load == "eager")
+
+
+def _describe(core: BatchingCore) -> str:
+    s = core.stats()
+    mode = "serial" if s.max_seqs == 1 else f"batching {s.max_seqs} sequences"
+    return f"{mode} of up to {core.context_length} tokens, {s.kv_total_tokens} KV tokens"

@@ -7,7 +7,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from shrinkserve.server.protocol import ErrorBody, ErrorResponse
+from shrinkserve.server.api.protocol import ErrorBody, ErrorResponse
 
 _TYPES = {
     400: "invalid_request_error",

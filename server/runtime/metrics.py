@@ -7,8 +7,14 @@ and `model_name` → `profile`. Process RSS comes from prometheus-client's defau
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
+
+from shrinkserve.server.runtime.types import CoreStats
 
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
                 40.0, 80.0, 160.0, 640.0, 2560.0)
@@ -40,8 +46,9 @@ class Metrics:
                                     p, buckets=REQUEST_LATENCY_BUCKETS, registry=r)
         self.prompt_tokens = Counter("shrinkserve_prompt_tokens", "Prompt tokens processed.", p, registry=r)
         self.generation_tokens = Counter("shrinkserve_generation_tokens", "Tokens generated.", p, registry=r)
-        self.running = Gauge("shrinkserve_num_requests_running", "Generations running now.", p, registry=r)
-        self.waiting = Gauge("shrinkserve_num_requests_waiting", "Requests queued for a slot.", p, registry=r)
+        # Running / waiting / KV usage are read from each profile's core at scrape time (CoreGauges).
+        self.core_gauges = CoreGauges()
+        r.register(self.core_gauges)
         self.artifact_bytes = Gauge("shrinkserve_artifact_bytes", "Bytes of the profile's artifact on disk.",
                                     p, registry=r)
         self.resident_bytes = Gauge("shrinkserve_profile_resident_memory_bytes",
@@ -83,9 +90,40 @@ class Metrics:
 
     def declare(self, profile: str) -> None:
         """Create a profile's zero-valued children so series exist before the first request."""
-        for g in (self.running, self.waiting, self.profile_ready, self.rejected):
+        if profile not in self.core_gauges.profiles:
+            self.core_gauges.profiles.append(profile)
+        for g in (self.profile_ready, self.rejected):
             g.labels(profile).set(0)
         for c in (self.prompt_tokens, self.generation_tokens):
             c.labels(profile)
         for h in (self.ttft, self.itl, self.e2e, self.queue_time):
             h.labels(profile)
+
+
+class CoreGauges(Collector):
+    """`shrinkserve_num_requests_running|waiting` and `shrinkserve_kv_cache_usage_perc`, from the cores'
+    own `stats()` at scrape time (vLLM's names); a profile without a loaded core reports zeros."""
+
+    def __init__(self) -> None:
+        self.profiles: list[str] = []
+        self.source: Callable[[], Mapping[str, CoreStats | None]] = dict
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        stats = self.source()
+        running = GaugeMetricFamily("shrinkserve_num_requests_running", "Generations running now.",
+                                    labels=["profile"])
+        waiting = GaugeMetricFamily("shrinkserve_num_requests_waiting", "Requests queued for room in the profile.",
+                                    labels=["profile"])
+        kv = GaugeMetricFamily("shrinkserve_kv_cache_usage_perc",
+                               "Fraction of the profile's KV token budget in use (0..1).", labels=["profile"])
+        for name in self.profiles:
+            s = stats.get(name)
+            running.add_metric([name], s.running if s else 0)
+            waiting.add_metric([name], s.waiting if s else 0)
+            kv.add_metric([name], s.kv_usage if s else 0.0)
+        yield running
+        yield waiting
+        yield kv
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        return iter(())

@@ -1,0 +1,1 @@
+"""HTTP only: OpenAI types, errors, routers and middleware; nothing below here sees a Starlette object."""

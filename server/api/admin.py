@@ -1,0 +1,31 @@
+"""GET /health (the process lives), /ready (every eager profile settled and not draining), /metrics."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from shrinkserve.server.api.services import Services
+
+
+def attach_router(app: FastAPI, svc: Services) -> None:
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        states = {}
+        for n, rt in svc.registry.profiles.items():
+            failures = rt.gate_failures
+            states[n] = {"state": rt.state, "load": rt.spec.load, **({"error": rt.error} if rt.error else {}),
+                         **({"gate_failures": failures} if failures else {})}
+        serving = svc.lifecycle.phase == "serving"
+        ok = serving and svc.registry.ready
+        body = {"ready": ok, "profiles": states, **({} if serving else {"phase": svc.lifecycle.phase})}
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(generate_latest(svc.metrics.registry), media_type=CONTENT_TYPE_LATEST)

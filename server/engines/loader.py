@@ -1,0 +1,18 @@
+"""Which engine loads a built profile: the one place that maps a profile's engine name to its class."""
+
+from __future__ import annotations
+
+from shrinkserve.compression.profiles import BuiltProfile, ProfileSpec
+from shrinkserve.server.engines.base import Engine
+
+
+def load_engine(built: BuiltProfile, spec: ProfileSpec, threads: int) -> Engine:
+    """Load a profile's artifact on its engine (`spec.threads` overrides the process default)."""
+    if built.engine == "llamacpp":
+        from shrinkserve.server.engines.llamacpp import LlamaCppEngine
+
+        return LlamaCppEngine(built.path, threads=spec.threads or threads, context_length=spec.context_length)
+    from shrinkserve.server.engines.torch_engine import TorchEngine
+
+    return TorchEngine(built.path, threads=spec.threads or threads, dtype=spec.dtype,
+                       context_length=spec.context_length)
