@@ -9,7 +9,7 @@ Storage (format 1). A capture directory holds segment files `capture-<time_ns>-<
 
     file   := FILE_MAGIC (8 bytes) frame*
     frame  := b"SSRC" | u32 meta_len | u32 body_len | u32 crc32(lengths + meta + body) | meta | body
-    meta   := UTF-8 JSON: teacher, sampling, finish_reason, time, top_k, route, n_prompt, n, k
+    meta   := UTF-8 JSON: teacher, sampling, finish_reason, time, top_k, route, meta, n_prompt, n, k
     body   := int32 prompt_ids[n_prompt] | int32 completion_ids[n] | int32 topk_ids[n, k]
               | float32 topk_logprobs[n, k] | float32 sampled_logprobs[n]        (little-endian)
 
@@ -81,6 +81,8 @@ class CaptureRecord:
     sampled_logprobs: np.ndarray  # float32 [n]: the sampled token's own logprob (NaN: unknown, legacy only)
     route: str | None = None
     text: str | None = None  # legacy records only: the rendered prompt + completion text
+    # Provenance beyond the serving route, e.g. synthetic data: {"source": "synthetic", "prompt_id": ...}.
+    meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         n, k = len(self.completion_ids), self.top_k
@@ -132,7 +134,7 @@ def _sampling_dict(params: Any) -> dict[str, Any]:
 def capture_record(
     teacher: TeacherIdentity, *, prompt_ids: Sequence[int], completion_ids: Sequence[int], finish_reason: str,
     params: Any, sampled_logprobs: Sequence[float], topk: Sequence[Sequence[tuple[int, float]]],
-    route: str | None = None, time_: float | None = None,
+    route: str | None = None, time_: float | None = None, meta: Mapping[str, Any] | None = None,
 ) -> CaptureRecord:
     """A record from the fields of a finished generation (interfaces.md §1 `FinishedGeneration`)."""
     n = len(completion_ids)
@@ -146,7 +148,7 @@ def capture_record(
     return CaptureRecord(teacher, _sampling_dict(params), [int(t) for t in prompt_ids],
                          [int(t) for t in completion_ids], str(finish_reason),
                          time.time() if time_ is None else time_, k, ids, lps,
-                         np.asarray(sampled_logprobs, dtype=np.float32), route)
+                         np.asarray(sampled_logprobs, dtype=np.float32), route, meta=dict(meta or {}))
 
 
 def record_from_finished(fin: Any, teacher: TeacherIdentity, *, route: str | None = None) -> CaptureRecord:
@@ -167,7 +169,8 @@ def decode_record(rec: CaptureRecord, tokenizer: Any) -> str:
 def encode_frame(rec: CaptureRecord) -> bytes:
     n, k = rec.n_tokens, rec.top_k
     meta = {"teacher": dataclasses.asdict(rec.teacher), "sampling": rec.sampling, "finish_reason": rec.finish_reason,
-            "time": rec.time, "top_k": k, "route": rec.route, "n_prompt": len(rec.prompt_ids), "n": n, "k": k}
+            "time": rec.time, "top_k": k, "route": rec.route, "n_prompt": len(rec.prompt_ids), "n": n, "k": k,
+            "meta": rec.meta}
     meta_b = json.dumps(meta, separators=(",", ":"), allow_nan=False).encode("utf-8")
     body = b"".join([
         np.asarray(rec.prompt_ids, dtype="<i4").tobytes(), np.asarray(rec.completion_ids, dtype="<i4").tobytes(),
@@ -194,7 +197,7 @@ def decode_frame(meta_b: bytes | memoryview, body: bytes | memoryview) -> Captur
         TeacherIdentity(**meta["teacher"]), meta["sampling"], parts[0].astype(int).tolist(),
         parts[1].astype(int).tolist(), meta["finish_reason"], float(meta["time"]), k,
         parts[2].astype(np.int32).reshape(n, k), parts[3].astype(np.float32).reshape(n, k),
-        parts[4].astype(np.float32), meta.get("route"))
+        parts[4].astype(np.float32), meta.get("route"), meta=meta.get("meta") or {})
 
 
 @dataclass
