@@ -204,7 +204,7 @@ def generate_teacher_data(
     return report
 
 
-def _cache_kwarg(model: Any) -> str:
+def cache_kwarg(model: Any) -> str:
     # transformers renamed `past_key_values` to `cache` (5.2x warns, 5.40 removes the old name); an unknown
     # keyword would be swallowed by **kwargs and silently run without a cache, so ask the signature.
     import inspect
@@ -229,7 +229,7 @@ def _answer_batch(
     topk_lps: list[list[np.ndarray]] = [[] for _ in range(n)]
     sampled: list[list[float]] = [[] for _ in range(n)]
     finish: list[str | None] = [None] * n
-    cache = {_cache_kwarg(model): cache_cls(config=model.config)}
+    cache = {cache_kwarg(model): cache_cls(config=model.config)}
     k = cfg.top_k
     with torch.inference_mode():
         while True:
