@@ -104,7 +104,8 @@ class ProfileSpec(BaseModel):
     options: dict[str, Any] = Field(default_factory=dict, description="method-specific options")
     # Methods applied to the output, in order: `then: gguf:q8_0`, `then: [int8]`,
     # `then: [{method: rtn, group_size: 32}]`. Each takes the previous step's HF checkpoint.
-    then: list[str | dict[str, Any]] = Field(default_factory=list, description="methods applied after `method`")
+    # (A single step may be written as a plain string; it is stored as a one-item list.)
+    then: list[str | dict[str, Any]] | str = Field(default_factory=list, description="methods applied after `method`")
     # Traffic capture (compression/traffic.py): a teacher's generations are captured by default when capture
     # is on; `capture` true/false overrides that for this profile.
     teacher: bool = False
@@ -156,6 +157,7 @@ class ProfileSpec(BaseModel):
         if self.path is not None and not self.path.expanduser().is_file():
             raise ValueError(f"path {self.path} is not a file")
         steps = [_step(self.method, {**flat, **self.options}, "")]
+        assert isinstance(self.then, list)  # _then_list made it one
         for i, item in enumerate(self.then):
             if isinstance(item, str):
                 method, fields = item, {}
