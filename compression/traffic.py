@@ -31,6 +31,7 @@ import json
 import logging
 import mmap
 import os
+import re
 import struct
 import threading
 import time
@@ -104,17 +105,47 @@ def sha256_text(text: str | None) -> str | None:
     return None if text is None else hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def tokenizer_fingerprint(pieces: Iterable[bytes], eos_token_ids: Iterable[int]) -> str:
-    """sha256 over every token id's output bytes (control tokens: empty) and the EOS ids: it identifies
-    the id ↔ text mapping a reader needs to interpret captured ids, whichever engine served them."""
+_SPECIAL_LOOKING = re.compile(rb"<[^\s<>]{1,64}>")
+
+
+def tokenizer_fingerprint(pieces: Iterable[bytes], eos_token_ids: Iterable[int] = ()) -> str:
+    """sha256 over the output bytes of every ordinary token id: the id ↔ text mapping a reader needs to
+    interpret captured ids.
+
+    Engines disagree on control tokens: llama.cpp gives `<repo_name>` and its kin no bytes and counts 3
+    ids as end-of-generation, the PyTorch engine writes them out and knows 1 EOS (SmolLM2, measured). So
+    empty pieces and special-looking ones (`<...>` without spaces) are left out, and so are the EOS ids
+    (kept for the signature's sake): the same model then has the same fingerprint whichever engine serves it.
+    """
+    del eos_token_ids
     h = hashlib.sha256()
     n = 0
-    for piece in pieces:
-        h.update(struct.pack("<I", len(piece)))
+    for i, piece in enumerate(pieces):
+        n = i + 1
+        if not piece or _SPECIAL_LOOKING.fullmatch(piece):
+            continue
+        h.update(struct.pack("<II", i, len(piece)))
         h.update(piece)
-        n += 1
-    h.update(json.dumps({"n": n, "eos": sorted(int(i) for i in eos_token_ids)}).encode())
+    h.update(struct.pack("<I", n))
     return h.hexdigest()
+
+
+def served_teacher(
+    profile: str, built: Any, *, token_bytes: Callable[[int], bytes], vocab_size: int, eos_token_ids: Iterable[int],
+    chat_template: str | None,
+) -> TeacherIdentity:
+    """The identity of a served profile, once per load: `built` is its BuiltProfile (artifact key, or the
+    content hash of a source served as is: hashed here when nobody has yet); the rest is the engine's
+    tokenizer (`token_bytes(i)` for every id, EOS ids, chat template)."""
+    from shrinkserve.compression.cache import hash_path
+
+    weights = None
+    if built.key is None:
+        weights = getattr(built, "source_digest", None) or hash_path(Path(built.path))
+    return TeacherIdentity(
+        profile=profile, artifact_key=built.key, weights_sha256=weights,
+        tokenizer_sha256=tokenizer_fingerprint((token_bytes(i) for i in range(vocab_size)), eos_token_ids),
+        chat_template_sha256=sha256_text(chat_template), vocab_size=vocab_size)
 
 
 def _sampling_dict(params: Any) -> dict[str, Any]:
