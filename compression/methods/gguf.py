@@ -29,7 +29,7 @@ class Gguf(MethodHandler):
     Options = GgufOptions
     engines = ("llamacpp",)
     output: ClassVar[ArtifactKind] = "gguf"
-    accepts: ClassVar[tuple[ArtifactKind, ...]] = ("hf", "gguf")
+    accepts: ClassVar[tuple[ArtifactKind, ...]] = ("hf",)  # a step's HF checkpoint → our export → quantize
     tools = ("llama_cpp_python",)
     variant_field = "type"
     variants = tuple(GGUF_TYPES)
