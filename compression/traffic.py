@@ -196,6 +196,15 @@ def decode_record(rec: CaptureRecord, tokenizer: Any) -> str:
     return str(tokenizer.decode(rec.prompt_ids + rec.completion_ids, skip_special_tokens=False))
 
 
+def is_heldout(rec: CaptureRecord, fraction: float, salt: str = "") -> bool:
+    """A deterministic train / held-out split by prompt: the same prompt ids always fall on the same side
+    (a repeated prompt cannot leak into both), whatever the order or the number of records."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"held-out fraction {fraction} is not within [0, 1]")
+    h = hashlib.sha256(salt.encode() + np.asarray(rec.prompt_ids, dtype="<i4").tobytes()).digest()
+    return int.from_bytes(h[:8], "little") / 2**64 < fraction
+
+
 # ------------------------------------------------------------------------------ frames
 def encode_frame(rec: CaptureRecord) -> bytes:
     n, k = rec.n_tokens, rec.top_k

@@ -128,6 +128,18 @@ def test_tokenizer_fingerprint_identifies_the_id_to_bytes_mapping() -> None:
     assert tokenizer_fingerprint(pieces) == tokenizer_fingerprint([b"<|endoftext|>", b"a", b"b", b" the", b""])
 
 
+def test_heldout_split_is_by_prompt_and_deterministic() -> None:
+    from shrinkserve.compression.traffic import is_heldout
+
+    recs = [make_record(i) for i in range(400)]
+    held = [is_heldout(r, 0.2) for r in recs]
+    assert 50 < sum(held) < 110  # about a fifth
+    assert held == [is_heldout(r, 0.2) for r in recs]
+    assert all(is_heldout(make_record(i), 0.2) == held[i] for i in (3, 7, 11))  # same prompt, same side
+    assert not any(is_heldout(r, 0.0) for r in recs) and all(is_heldout(r, 1.0) for r in recs)
+    assert [is_heldout(r, 0.2, salt="other") for r in recs] != held
+
+
 # ------------------------------------------------------------------ crash safety
 
 def test_a_torn_last_record_is_skipped_at_every_cut(tmp_path: Path) -> None:
