@@ -402,7 +402,7 @@ class CaptureSettings(BaseModel):
     dir: Path | None = Field(default=None, description="directory of capture segment files; unset = no capture")
     top_k: int = Field(default=20, ge=1, le=100, description="teacher logprobs kept per generated token")
     profiles: list[str] = Field(default_factory=list,
-                                description="profiles to capture; empty = those marked `teacher: true`")
+                                description="profiles to capture; empty = those marked `is_teacher: true`")
     exclude_routes: list[str] = Field(default_factory=list, description="route prefixes never captured")
     max_file_bytes: int = Field(default=64 * 2**20, ge=4096, description="a segment is closed past this size")
     retain_bytes: int | None = Field(default=2 * 2**30, ge=4096,
@@ -415,7 +415,7 @@ class CaptureSettings(BaseModel):
 class CaptureWriter:
     """Appends records to the current segment of `settings.dir`; thread-safe; never raises into serving.
 
-    `profiles` maps profile names to their specs (anything with `.teacher` and `.capture`), for the
+    `profiles` maps profile names to their specs (anything with `.is_teacher` and `.capture`), for the
     "teacher profiles by default, per-profile opt-in/out" rule of `wants`.
     """
 
@@ -445,7 +445,7 @@ class CaptureWriter:
             return False
         if s.profiles:
             return profile in s.profiles
-        return bool(explicit or getattr(spec, "teacher", False))
+        return bool(explicit or getattr(spec, "is_teacher", False))
 
     # ---------------------------------------------------------------- writing
     @property

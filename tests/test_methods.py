@@ -129,7 +129,7 @@ def test_key_changes_with_each_recipe_field_and_nothing_else(tmp_path: Path, hf_
         assert key is not None and key == key_of(tmp_path, profile, hf_dir)  # stable
     # Serving and runtime fields never change the artifact.
     same = [{"load": "lazy"}, {"max_concurrency": 4}, {"max_queue": 3}, {"threads": 1}, {"context_length": 256},
-            {"gate": {"max_kl": 0.1}}, {"teacher": True}, {"capture": False}]
+            {"gate": {"max_kl": 0.1}}, {"is_teacher": True}, {"capture": False}]
     if "torch" in parse_method(profile["method"])[0].engines:
         same.append({"dtype": "float32"})
     for extra in same:

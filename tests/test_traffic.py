@@ -278,11 +278,11 @@ def test_retention_deletes_the_oldest_segments(tmp_path: Path) -> None:
 def test_capture_policy_teachers_by_default_with_opt_outs() -> None:
     @dataclass
     class Spec:
-        teacher: bool = False
+        is_teacher: bool = False
         capture: bool | None = None
 
-    profiles = {"teacher": Spec(teacher=True), "plain": Spec(), "opt-in": Spec(capture=True),
-                "teacher-opt-out": Spec(teacher=True, capture=False)}
+    profiles = {"teacher": Spec(is_teacher=True), "plain": Spec(), "opt-in": Spec(capture=True),
+                "teacher-opt-out": Spec(is_teacher=True, capture=False)}
     off = CaptureWriter(CaptureSettings(), profiles)
     assert not off.wants("teacher")
     w = CaptureWriter(CaptureSettings(dir=Path("/nonexistent/never-created"), exclude_routes=["/private"]), profiles)
