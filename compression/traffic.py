@@ -13,7 +13,8 @@ Storage (format 1). A capture directory holds segment files `capture-<time_ns>-<
     body   := int32 prompt_ids[n_prompt] | int32 completion_ids[n] | int32 topk_ids[n, k]
               | float32 topk_logprobs[n, k] | float32 sampled_logprobs[n]        (little-endian)
 
-About 8k + 8 bytes per generated token (168 bytes at k = 20), against ~1 KB of JSON per token before.
+About 8k + 8 bytes per generated token (168 at k = 20; 173 measured with 100-token answers, where the
+older JSONL took 388 for the same records).
 Crash safety: a frame is written with one write() on an O_APPEND descriptor, so a killed writer leaves at
 most one torn frame, at the end of its own segment; a writer never appends to a segment it did not
 create (each process opens a fresh one), and the reader skips a torn or corrupt frame (CRC) and resyncs on
