@@ -269,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--batch-size", type=int, default=8)
     gen.add_argument("--token-budget", type=int, help="stop starting new batches past this many tokens")
     gen.add_argument("--seconds-budget", type=float, help="... or past this many seconds")
-    gen.add_argument("--threads", type=int)
+    gen.add_argument("--threads", type=int, default=1, help="torch threads (1: see SyntheticConfig.threads)")
     gen.set_defaults(func=cmd_capture_generate)
 
     sub.add_parser("bench", help="load-test a running server (see `shrinkserve bench --help`)", add_help=False)
