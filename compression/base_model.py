@@ -107,27 +107,29 @@ def _drop_gguf_quantizer(model: object) -> None:
         del config.quantization_config
 
 
+def materialize_hf_checkpoint(gguf_path: Path, out: Path) -> dict:
+    """Write a GGUF model (dequantized by transformers) as a float32 HF checkpoint directory at `out`."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("materializing %s as a float32 HF checkpoint", gguf_path.name)
+    kwargs = {"gguf_file": gguf_path.name}
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kwargs)
+    _drop_gguf_quantizer(model)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return {"parameters": sum(p.numel() for p in model.parameters())}
+
+
 def hf_checkpoint(
     cache: ArtifactCache, base: BaseSource, on_event: Callable[[str], None] | None = None
 ) -> tuple[Path, Artifact | None, bool]:
     """(directory, artifact or None when the source already is one, cache hit)."""
     if base.kind == "hf":
         return base.path, None, True
-
-    def build(out: Path) -> dict:
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        log.info("materializing base %r as a float32 HF checkpoint from %s", base.name, base.path.name)
-        kwargs = {"gguf_file": base.path.name}
-        tokenizer = AutoTokenizer.from_pretrained(base.path.parent, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(base.path.parent, dtype=torch.float32, **kwargs)
-        _drop_gguf_quantizer(model)
-        model.save_pretrained(out)
-        tokenizer.save_pretrained(out)
-        return {"parameters": sum(p.numel() for p in model.parameters())}
-
-    art, hit = plan_hf_checkpoint(base).get_or_build(cache, build, on_event)
+    art, hit = plan_hf_checkpoint(base).get_or_build(cache, lambda out: materialize_hf_checkpoint(base.path, out),
+                                                     on_event)
     return art.path, art, hit
 
 
@@ -137,16 +139,11 @@ F16_GGUF_NAME = "model-f16.gguf"
 def f16_gguf(
     cache: ArtifactCache, base: BaseSource, threads: int, on_event: Callable[[str], None] | None = None
 ) -> tuple[Path, Artifact, bool]:
-    """The base as an F16 GGUF, written by llama.cpp's own quantizer (requantizing the source)."""
-    from shrinkserve.compression.gguf import quantize_gguf
+    """The base as an F16 GGUF: requantized by llama.cpp from a GGUF base, or written by our exporter
+    (compression/gguf_export.py) from an HF checkpoint directory."""
+    from shrinkserve.compression.methods.convert import base_node, f16_gguf_of
+    from shrinkserve.compression.pipeline import resolve
 
-    if base.kind != "gguf":
-        raise NotImplementedError(
-            f"base {base.name!r} is an HF checkpoint; GGUF profiles need a GGUF base "
-            "(convert it with llama.cpp's convert_hf_to_gguf.py and point the base at the file)"
-        )
-    def build(out: Path) -> None:
-        quantize_gguf(base.path, out / F16_GGUF_NAME, "f16", threads=threads)
-
-    art, hit = plan_f16_gguf(base).get_or_build(cache, build, on_event)
-    return art.file(F16_GGUF_NAME), art, hit
+    path, art, hit = resolve(cache, f16_gguf_of(base_node(base), base, threads), threads=threads, on_event=on_event)
+    assert art is not None
+    return path, art, hit

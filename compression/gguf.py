@@ -5,7 +5,28 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from shrinkserve.compression.methods import GGUF_TYPES
+# llama.cpp's `llama_ftype` values (include/llama.h) for the types we offer. Kept here rather than read
+# from llama_cpp so settings validate without loading the native library.
+GGUF_TYPES: dict[str, int] = {
+    "f32": 0,
+    "f16": 1,
+    "q4_0": 2,
+    "q4_1": 3,
+    "q8_0": 7,
+    "q5_0": 8,
+    "q5_1": 9,
+    "q2_k": 10,
+    "q3_k_s": 11,
+    "q3_k_m": 12,
+    "q3_k_l": 13,
+    "q4_k_s": 14,
+    "q4_k_m": 15,
+    "q5_k_s": 16,
+    "q5_k_m": 17,
+    "q6_k": 18,
+    "iq4_nl": 25,
+    "bf16": 32,
+}
 
 
 def quiet_llama_cpp(level: int = logging.ERROR) -> None:

@@ -23,6 +23,7 @@ import numpy as np
 
 from shrinkserve.compression import data_file
 from shrinkserve.compression.base_model import tool_version
+from shrinkserve.compression.scoring import chunked_logprobs, hardest, kl_top1, log_softmax, prefill_last
 
 Progress = Callable[[int], None]  # advances a progress bar by n units
 
@@ -75,12 +76,7 @@ class Scorer:
 
         This is what every engine exposes for evaluation: per-position logprobs of a given continuation.
         """
-        from shrinkserve.server.runtime.prefill import prefill
-
-        self.seq.reset()
-        _, lp = prefill(self.engine, self.seq, ids, want_prompt_logprobs=True, reuse_prefix=False)
-        assert lp is not None
-        return lp
+        return chunked_logprobs(self.seq, ids, self.engine.max_batch)
 
 
 def choice_logprobs(scorer: Scorer, context: str, choices: list[str]) -> list[float]:
@@ -88,8 +84,6 @@ def choice_logprobs(scorer: Scorer, context: str, choices: list[str]) -> list[fl
 
     The context is read once; each choice then reuses its KV cache, so four choices cost about one prompt.
     """
-    from shrinkserve.server.runtime.sampling import log_softmax
-
     ctx = scorer.tokenize(context, add_special=True)
     wholes = [scorer.tokenize(context + c, add_special=True) for c in choices]
     # Where a choice's first token merged with the context's last, score from the first differing token.
@@ -98,7 +92,7 @@ def choice_logprobs(scorer: Scorer, context: str, choices: list[str]) -> list[fl
     if shared < 1:
         raise ValueError(f"context {context!r} shares no token with its continuations")
     seq = scorer.seq
-    seq.reset()
+    seq.truncate(0)
     after_shared = log_softmax(seq.forward(ctx[:shared], all_logits=False)[-1])
     scores = []
     for whole, start in zip(wholes, starts, strict=True):
@@ -126,15 +120,6 @@ def task_score(engine: Scorer, tasks: list[dict[str, Any]], progress: Progress |
     return correct / len(tasks) if tasks else float("nan")
 
 
-def _kl_top1(ref: np.ndarray, lp: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per position: KL(ref ‖ lp), whether the argmaxes agree, and the reference's entropy."""
-    p = np.exp(ref)
-    kl = (p * (ref - lp)).sum(axis=1)
-    entropy = -(p * ref).sum(axis=1)
-    agree = ref.argmax(axis=1) == lp.argmax(axis=1)
-    return np.maximum(kl, 0.0), agree, entropy
-
-
 def compare(reference: Scorer, engine: Scorer, evalset: EvalSet, progress: Progress | None = None) -> dict[str, float]:
     """Teacher-forced: both models read the same windows of held-out tokens (tokenized by the reference)."""
     ids = evalset.token_ids(reference)
@@ -148,14 +133,14 @@ def compare(reference: Scorer, engine: Scorer, evalset: EvalSet, progress: Progr
         rows, target = np.arange(len(window) - 1), np.asarray(window[1:])
         nll_ref -= float(ref[rows, target].sum())
         nll -= float(lp[rows, target].sum())
-        kl, agree, entropy = _kl_top1(ref, lp)
+        kl, agree, entropy = kl_top1(ref, lp)
         kls.append(kl)
         agrees.append(agree)
         entropies.append(entropy)
         if progress:
             progress(len(window))
     kl_all, agree_all, ent_all = np.concatenate(kls), np.concatenate(agrees), np.concatenate(entropies)
-    hard = np.argsort(-ent_all, kind="stable")[: max(1, len(ent_all) // 10)]
+    hard = hardest(ent_all)
     n = len(kl_all)
     return {
         "tokens": n,
@@ -174,10 +159,7 @@ SPEED_PROMPT = "The history of the old city begins"
 def greedy_decode(engine: Any, seq: Any, tokens: int) -> float:
     """Restart `seq` on SPEED_PROMPT and decode `tokens` greedy tokens; returns the decode seconds
     (prefill not counted). Shared by `decode_speed` and scripts/bench_decode.py."""
-    from shrinkserve.server.runtime.prefill import prefill
-
-    seq.reset()
-    logits, _ = prefill(engine, seq, engine.tokenize(SPEED_PROMPT, add_special=True), reuse_prefix=False)
+    logits = prefill_last(seq, engine.tokenize(SPEED_PROMPT, add_special=True), engine.max_batch)
     started = time.perf_counter()
     for _ in range(tokens):
         logits = seq.forward([int(np.argmax(logits))], all_logits=False)[0]

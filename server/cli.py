@@ -1,4 +1,4 @@
-"""`shrinkserve` command line: serve, compress, profiles, eval, report, bench."""
+"""`shrinkserve` command line: serve, compress, profiles, eval, report, capture, bench."""
 
 from __future__ import annotations
 
@@ -83,7 +83,7 @@ def cmd_profiles(args: argparse.Namespace) -> int:
     builder = _builder(settings)
     rows = [builder.status(name) for name in settings.profiles]
     if args.json:
-        print(json.dumps(rows, indent=2, default=str))
+        print(json.dumps([r.as_dict() for r in rows], indent=2, default=str))
         return 0
     print(f"{'profile':14s} {'method':14s} {'engine':9s} {'load':6s} {'state':8s} {'MiB':>8s}  path")
     for r in rows:
@@ -156,6 +156,56 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_capture_stats(args: argparse.Namespace) -> int:
+    from shrinkserve.compression import traffic
+
+    paths = args.paths
+    if not paths:
+        # The capture directory of the config (`capture.dir`; `capture.file` for the older JSONL writer).
+        capture = _settings(args).capture
+        where = getattr(capture, "dir", None) or getattr(capture, "file", None)
+        if where is None:
+            raise ValueError("no capture files given, and capture is off in the config")
+        paths = [where]
+    stats = traffic.capture_stats(paths)
+    if args.json:
+        print(json.dumps(stats.__dict__, default=list))
+    else:
+        print(traffic.format_stats(stats))
+    if args.plot:
+        print(f"plot: {traffic.plot_tail_histogram(paths, args.plot)}")
+    return 0
+
+
+def cmd_capture_generate(args: argparse.Namespace) -> int:
+    from shrinkserve.compression.synthetic import SyntheticConfig, generate_teacher_data, load_prompts
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    key, profile = None, args.profile or "synthetic"
+    if args.teacher_dir is not None:
+        teacher = args.teacher_dir
+    else:
+        settings = _settings(args)
+        if args.profile is None:
+            raise ValueError("give --profile (a teacher profile of the config) or --teacher-dir")
+        _selected_profiles(argparse.Namespace(all=False, profile=[args.profile]), settings)
+        built = _builder(settings).build(args.profile)
+        if not (built.path / "config.json").is_file() or (built.path / "shrinkserve_quant.json").is_file():
+            raise ValueError(f"profile {args.profile!r} serves {built.path.name}, not a dense HF checkpoint; "
+                             "use a profile with method hf (the teacher runs in-process through transformers)")
+        teacher, key = built.path, built.key
+    config = SyntheticConfig(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
+                             seed=args.seed, top_k=args.top_k, batch_size=args.batch_size,
+                             token_budget=args.token_budget, seconds_budget=args.seconds_budget, threads=args.threads)
+    prompts = load_prompts(args.prompts)[: args.limit]
+    report = generate_teacher_data(teacher, prompts, args.out, config, profile=profile, artifact_key=key,
+                                   source=f"synthetic:{args.prompts}")
+    left = f", {report.prompts_skipped} prompts left (budget)" if report.prompts_skipped else ""
+    print(f"{report.records} answers, {report.tokens} tokens in {report.seconds:.1f}s "
+          f"({report.tokens_per_s:.1f} tok/s){left} → {args.out}")
+    return 0
+
+
 def cmd_bench(argv: list[str]) -> int:
     from shrinkserve.server.tools.bench import main as bench_main
 
@@ -200,6 +250,32 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--out", type=Path, default=Path("shrinkserve-report.png"), help="PNG to write")
     rep.add_argument("--no-plot", action="store_true")
     rep.set_defaults(func=cmd_report)
+
+    capture = sub.add_parser("capture", help="captured traffic: statistics, synthetic teacher data")
+    capture_sub = capture.add_subparsers(dest="capture_command", required=True)
+    stats = with_config(capture_sub.add_parser("stats", help="records, tokens and the tail-mass histogram"))
+    stats.add_argument("paths", nargs="*", type=Path, help="capture files or directories (default: the config's)")
+    stats.add_argument("--json", action="store_true")
+    stats.add_argument("--plot", type=Path, help="also write a PNG histogram of the tail mass")
+    stats.set_defaults(func=cmd_capture_stats)
+    gen = with_config(capture_sub.add_parser("generate", help="answer prompts with a teacher in-process and "
+                                                               "record its distributions"))
+    gen.add_argument("--prompts", default="general", help="a prompt file (.jsonl or one per line) or a shipped "
+                                                          "set: general, word_forms.train, word_forms.heldout")
+    gen.add_argument("--out", type=Path, required=True, help="capture directory to write")
+    gen.add_argument("--profile", help="teacher profile (method hf) of the config")
+    gen.add_argument("--teacher-dir", type=Path, help="or a teacher HF checkpoint directory")
+    gen.add_argument("--limit", type=int, help="answer only the first N prompts")
+    gen.add_argument("--temperature", type=float, default=0.7)
+    gen.add_argument("--top-p", type=float, default=0.95)
+    gen.add_argument("--max-tokens", type=int, default=128)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--top-k", type=int, default=20, help="teacher logprobs kept per token")
+    gen.add_argument("--batch-size", type=int, default=8)
+    gen.add_argument("--token-budget", type=int, help="stop starting new batches past this many tokens")
+    gen.add_argument("--seconds-budget", type=float, help="... or past this many seconds")
+    gen.add_argument("--threads", type=int, default=1, help="torch threads (1: see SyntheticConfig.threads)")
+    gen.set_defaults(func=cmd_capture_generate)
 
     sub.add_parser("bench", help="load-test a running server (see `shrinkserve bench --help`)", add_help=False)
     return parser

