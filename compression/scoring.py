@@ -47,15 +47,13 @@ def top_k(logprobs_row: np.ndarray, k: int) -> list[tuple[int, float]]:
 
 
 def chunk_ends(n: int, max_batch: int) -> list[int]:
-    """Where a prompt of n tokens is cut: chunks of `max_batch` from position 0, the last token on its own.
+    """Where a prompt of n tokens is cut: chunks of `max_batch` tokens from position 0, then n.
 
     Logits depend in their last bits on how tokens were batched, so scoring cuts a sequence exactly the
-    way the server's prefill does (server/generation.py): then a profile scored here and the same profile
-    answering an echo request give the same numbers.
+    way the serving core prefills a prompt (server/runtime/batching.py uses this function): a profile
+    scored here and the same profile answering an echo request then give the same numbers.
     """
-    if n <= 1:
-        return [n] if n > 0 else []
-    return sorted({e for e in [*range(max_batch, n - 1, max_batch), n - 1, n] if e > 0})
+    return [*range(max_batch, n, max_batch), n] if n > 0 else []
 
 
 def _feed(seq: LogitsSequence, ids: Sequence[int], max_batch: int, *, all_logits: bool) -> list[np.ndarray]:

@@ -1,4 +1,4 @@
-"""compression/scoring.py: the primitives compression scores with, checked against the server's own prefill
+"""compression/scoring.py: the primitives compression scores with, checked against the serving core's prefill
 (the same chunk boundaries give the same numbers) and against direct computations."""
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ class FakeSequence:
     def __init__(self, max_batch: int) -> None:
         self.max_batch = max_batch
         self.tokens: list[int] = []
-        self.prefill_ends: list[int] = []
         self.calls: list[tuple[int, ...]] = []
 
     def forward(self, ids: Sequence[int], *, all_logits: bool) -> np.ndarray:
@@ -43,7 +42,6 @@ class FakeSequence:
 
     def truncate(self, n: int) -> None:
         del self.tokens[n:]
-        self.prefill_ends = [e for e in self.prefill_ends if e <= n]
 
     def _drop_from(self, n: int) -> None:  # the server's Sequence API
         pass
@@ -52,33 +50,49 @@ class FakeSequence:
         self.truncate(0)
 
 
-class FakeEngine:
-    def __init__(self, max_batch: int) -> None:
-        self.max_batch = max_batch
-        self.eos_token_ids = frozenset()
-
-    def new_sequence(self) -> FakeSequence:
-        return FakeSequence(self.max_batch)
-
-
 @pytest.mark.parametrize(("n", "max_batch"), [(1, 4), (2, 4), (5, 4), (8, 4), (9, 4), (17, 8), (3, 512)])
-def test_chunking_and_logprobs_equal_the_servers_prefill(n: int, max_batch: int) -> None:
-    from shrinkserve.server.generation import prefill
-
+def test_chunking_follows_chunk_ends(n: int, max_batch: int) -> None:
     ids = [(7 * i + 3) % VOCAB for i in range(n)]
-    ours, theirs = FakeSequence(max_batch), FakeSequence(max_batch)
-    last = prefill_last(ours, ids, max_batch)
-    server_last, _ = prefill(FakeEngine(max_batch), theirs, ids, reuse_prefix=False)  # type: ignore[arg-type]
-    assert ours.calls == theirs.calls
-    assert np.array_equal(last, server_last)
-    assert chunk_ends(n, max_batch)[-1] == n
+    seq = FakeSequence(max_batch)
+    prefill_last(seq, ids, max_batch)
+    ends = chunk_ends(n, max_batch)
+    assert ends[-1] == n and [len(c) for c in seq.calls] == [b - a for a, b in zip([0, *ends], ends, strict=False)]
+    assert all(0 < len(c) <= max_batch for c in seq.calls)
     if n >= 2:
-        ours, theirs = FakeSequence(max_batch), FakeSequence(max_batch)
-        lp = chunked_logprobs(ours, ids, max_batch)
-        _, server_lp = prefill(FakeEngine(max_batch), theirs, ids, want_prompt_logprobs=True,  # type: ignore[arg-type]
-                               reuse_prefix=False)
-        assert ours.calls == theirs.calls and lp.shape == (n - 1, VOCAB)
-        assert np.array_equal(lp, server_lp)
+        seq = FakeSequence(max_batch)
+        lp = chunked_logprobs(seq, ids, max_batch)
+        assert [len(c) for c in seq.calls] == [b - a for a, b in zip([0, *ends], ends, strict=False)]
+        assert lp.shape == (n - 1, VOCAB)
+
+
+def test_the_serving_core_prefills_in_the_same_chunks() -> None:
+    """An echo request through the serving core cuts its prompt exactly as scoring does, so a profile scored
+    in compression and the same profile answering echo logprobs give the same numbers."""
+    import asyncio
+
+    from shrinkserve.server.runtime.batching import BatchingCore
+    from shrinkserve.server.runtime.types import GenerationRequest, SamplingParams
+    from tests.fake_engine import FakeEngine
+
+    engine = FakeEngine(max_batch=4)
+    prompt = [(5 * i + 1) % 30 + 1 for i in range(11)]
+    core = BatchingCore("fake", engine, max_seqs=2, slot_capacity=64, max_queue=1, probe=False)
+
+    async def echo() -> None:
+        req = GenerationRequest(prompt, SamplingParams(max_tokens=0, temperature=0), prompt_logprobs=0)
+        ticket = await core.admit(1, max_total_tokens=len(prompt))
+        try:
+            [s async for s in core.generate(ticket, req)]
+        finally:
+            ticket.release()
+
+    try:
+        asyncio.run(echo())
+    finally:
+        core.close()
+    prefill_steps = [f for f in engine.batches[0].forwards[1:]]  # the first forward is the core's warm-up
+    ends = chunk_ends(len(prompt), engine.max_batch)
+    assert [f[0][1] for f in prefill_steps] == [b - a for a, b in zip([0, *ends], ends, strict=False)]
 
 
 def test_log_softmax_top_k_and_kl_match_direct_computation() -> None:

@@ -141,8 +141,6 @@ class Sequence:
     def __init__(self, model: BatchModel) -> None:
         self.model = model
         self.slot = model.acquire()
-        # Where the prefill that computed the cached positions cut its chunks (runtime/prefill.py).
-        self.prefill_ends: list[int] = []
 
     @property
     def tokens(self) -> list[int]:
@@ -153,9 +151,8 @@ class Sequence:
         return self.model.step([Work(self.slot, list(ids), all_logits)])[0]
 
     def truncate(self, n: int) -> None:
-        """Keep only the first `n` cached tokens (prefix reuse across requests)."""
+        """Keep only the first `n` cached tokens."""
         self.model.truncate(self.slot, n)
-        self.prefill_ends = [e for e in self.prefill_ends if e <= n]
 
     def reset(self) -> None:
         self.truncate(0)

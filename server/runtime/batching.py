@@ -3,7 +3,7 @@
 Each iteration of the scheduler:
 1. frees the slots of cancelled sequences (between steps: no forward touches them any more);
 2. takes newly submitted sequences into free slots;
-3. prefills: each sequence's prompt runs alone, in chunks cut at fixed boundaries (runtime/prefill.py),
+3. prefills: each sequence's prompt runs alone, in chunks cut at fixed boundaries (compression/scoring.chunk_ends),
    at most `max_chunk` prompt tokens per iteration so running streams keep their pace;
 4. decodes: ONE forward over every decoding sequence, each row advanced by its own `DecodeState`
    (seeded RNG, stop strings, logprobs, capture top-k);
@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from shrinkserve.compression.scoring import chunk_ends
 from shrinkserve.server.engines.base import BatchModel, Engine, Slot, Work
 from shrinkserve.server.runtime.core import Admission, Ticket
 from shrinkserve.server.runtime.decode import DecodeState
@@ -40,11 +41,6 @@ log = logging.getLogger("shrinkserve.core")
 Observer = Callable[[FinishedGeneration], None]
 
 _END = object()  # the consumer's queue ends here
-
-
-def fixed_chunks(n: int, chunk: int) -> list[int]:
-    """Chunk ends of an n-token prompt: every `chunk` tokens from position 0, then n."""
-    return [*range(chunk, n, chunk), n]
 
 
 @dataclass(eq=False)
@@ -243,7 +239,7 @@ class BatchingCore:
                 seq.slot = model.acquire()
                 seq.state = DecodeState(seq.req, self.tokenizer, capacity=model.slot_capacity,
                                         record=bool(self.observers))
-                seq.ends = fixed_chunks(len(seq.req.prompt_ids), model.max_chunk)
+                seq.ends = chunk_ends(len(seq.req.prompt_ids), model.max_chunk)
                 active.append(seq)
         # 3. prefill, each prompt alone, at most max_chunk prompt tokens per iteration
         budget = model.max_chunk

@@ -4,28 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from shrinkserve.compression.scoring import log_softmax, top_k
 from shrinkserve.server.runtime.types import SamplingParams
+
+__all__ = ["Sampler", "log_softmax", "top_k"]
 
 # top_p usually keeps a few dozen tokens; sorting only this many candidates instead of the whole
 # vocabulary keeps per-token sampling cost well under a millisecond.
 _TOP_P_CANDIDATES = 512
-
-
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise log-softmax in float64 (sums over a 49k vocabulary lose digits in float32)."""
-    z = logits.astype(np.float64, copy=False)
-    z = z - z.max(axis=-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
-
-
-def top_k(logprobs_row: np.ndarray, k: int) -> list[tuple[int, float]]:
-    """The k most likely tokens as (id, logprob), most likely first."""
-    if k <= 0:
-        return []
-    k = min(k, logprobs_row.shape[-1])
-    idx = np.argpartition(-logprobs_row, k - 1)[:k]
-    idx = idx[np.argsort(-logprobs_row[idx], kind="stable")]
-    return [(int(i), float(logprobs_row[i])) for i in idx]
 
 
 class Sampler:
