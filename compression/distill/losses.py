@@ -20,6 +20,11 @@ import torch.nn.functional as F
 
 LossKind = Literal["kd", "topk", "ce"]
 
+# A tail mass below this is rounding noise of a float32 sum of k probabilities (the records hold float32
+# logprobs), not mass: it counts as 0, else the term would pit noise against the student's own tail, which is
+# exactly 0 when the recorded ids cover the whole vocabulary.
+TAIL_EPS = 1e-6
+
 
 def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
     """[N, V], [N, V] → [N]: Σ_v p_v (log p_v − log q_v) with p the teacher's softmax, q the student's."""
@@ -35,7 +40,7 @@ def topk_tail_kl(
     `valid` [N, K] marks real entries (rows of a batch may hold different k). Returns [N].
 
     KL = Σ_{i∈S} p_i (log p_i − log q_i) + p_T (log p_T − log q_T), with S the valid ids of the row,
-    p_T = max(0, 1 − Σ_S p_i) and q_T = 1 − Σ_S q_i computed as logsumexp of the logits outside S minus
+    p_T = 1 − Σ_S p_i (0 below TAIL_EPS) and q_T = 1 − Σ_S q_i computed as logsumexp of the logits outside S minus
     the full logsumexp (exact, no cancellation in 1 − Σ).
     """
     logits = student_logits.float()
@@ -53,10 +58,12 @@ def topk_tail_kl(
     s_tail = torch.logsumexp(outside, dim=-1) - lse
     p = torch.where(valid, t_lp.exp(), torch.zeros_like(t_lp))
     known = torch.where(p > 0, p * (t_lp - s_k), torch.zeros_like(p)).sum(dim=-1)
-    p_tail = (1.0 - p.sum(dim=-1)).clamp(min=0.0)
-    # p_T log p_T − p_T log q_T; where p_T = 0 the term is 0 (and q_T may be exactly 0 when K covers V).
-    safe_tail = torch.where(p_tail > 0, p_tail, torch.ones_like(p_tail))
-    tail = torch.where(p_tail > 0, p_tail * (safe_tail.log() - s_tail), torch.zeros_like(p_tail))
+    p_tail = 1.0 - p.sum(dim=-1)
+    # p_T log p_T − p_T log q_T; where p_T ≈ 0 the term is 0 (and q_T is exactly 0 when the ids cover V).
+    has_tail = (p_tail > TAIL_EPS) & torch.isfinite(s_tail)
+    safe_tail = torch.where(has_tail, p_tail, torch.ones_like(p_tail))
+    tail = torch.where(has_tail, safe_tail * (safe_tail.log() - torch.where(has_tail, s_tail, 0.0)),
+                       torch.zeros_like(p_tail))
     return known + tail
 
 
