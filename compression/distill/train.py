@@ -220,10 +220,17 @@ class DataCursor:
 
 
 def response_logits(model: Any, batch: Batch) -> torch.Tensor:
-    """The model's logits at the batch's loss positions only: [N, V]."""
+    """The model's logits at the batch's loss positions only: [N, V], float32.
+
+    The output head runs in float32 even under bf16 autocast: KD compares whole distributions, and bf16
+    logits (8 significant bits) blur exactly the small probabilities the teacher's tail is made of.
+    """
     hidden = model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
     h = hidden.last_hidden_state[batch.rows, batch.cols]
-    return model.lm_head(h)
+    head = model.lm_head
+    with torch.autocast(device_type=h.device.type, enabled=False):
+        bias = None if head.bias is None else head.bias.float()
+        return torch.nn.functional.linear(h.float(), head.weight.float(), bias)
 
 
 def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
