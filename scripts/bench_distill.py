@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Evidence for issue 10: distilled students of the default model against the teacher and its quants.
 
-For one narrow task (ISO-8601 date conversion) and for general chat prompts, the teacher (SmolLM2-135M-
+For one narrow task (the shipped word-forms prompt set: plurals, antonyms, ...; ISO-8601 date conversion
+from templates where the set is not installed) and for general chat prompts, the teacher (SmolLM2-135M-
 Instruct, float32 HF checkpoint of the embedded GGUF) answers the prompts with recorded distributions; a
 student = teacher minus its `--drop-layers` lowest-Block-Influence layers is then
   (a) left untrained (the pruned init),
@@ -47,9 +48,9 @@ from shrinkserve.compression.distill.options import DistillOptions
 log = logging.getLogger("bench_distill")
 
 # -------------------------------------------------------------------------------------------- prompts
-# The capture branch ships these sets (compression/data/prompts/); when they are absent, the same task
-# family and a general set come from the templates below.
-SHIPPED = {"task": ("prompts/iso_dates.train.jsonl", "prompts/iso_dates.heldout.jsonl"),
+# The shipped prompt sets (compression/data/prompts/, see compression/synthetic.py); where they are absent,
+# a narrow task (ISO dates) and a general set come from the templates below.
+SHIPPED = {"task": ("prompts/word_forms.train.jsonl", "prompts/word_forms.heldout.jsonl"),
            "general": ("prompts/general.jsonl",)}
 
 ISO_SYSTEM = ("Convert the date the user gives to ISO 8601. Reply with the date only: YYYY-MM-DD, or "

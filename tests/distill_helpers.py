@@ -58,8 +58,11 @@ def tiny_tokenizer(vocab: int = VOCAB) -> object:
     words = {f"t{i}": i for i in range(vocab)}
     tk = Tokenizer(models.WordLevel(words, unk_token="t0"))
     tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="t0", pad_token="t0", bos_token="t1",
-                                   eos_token="t2")
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="t0", pad_token="t0", bos_token="t1",
+                                  eos_token="t2")
+    tok.chat_template = ("{% for m in messages %}t1 {{ m['content'] }} {% endfor %}"
+                         "{% if add_generation_prompt %}t3{% endif %}")
+    return tok
 
 
 def save_tiny_teacher(path: Path, layers: int = 6, seed: int = 0) -> Path:

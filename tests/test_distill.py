@@ -371,3 +371,30 @@ def test_prune_then_distill_through_the_cache(tmp_path: Path) -> None:
     again, hit = pipeline.build_student(cache, opts, teacher_dir, teacher_key="tk", teacher_name="tiny",
                                         progress=False)
     assert hit and again.key == art.key
+
+
+def test_synthetic_teacher_data_feeds_the_chain(tmp_path: Path) -> None:
+    from shrinkserve.compression.cache import ArtifactCache
+    from shrinkserve.compression.distill import pipeline
+    from shrinkserve.compression.distill.options import DistillOptions
+
+    teacher_dir = save_tiny_teacher(tmp_path / "teacher")
+    rng = np.random.default_rng(0)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(" ".join(f"t{i}" for i in rng.integers(4, VOCAB, 4)) + "\n" for _ in range(40)))
+    opts = DistillOptions.model_validate({
+        "data": {"synthetic": {"prompts": str(prompts), "max_tokens": 8, "top_k": 5}, "heldout_fraction": 0.2},
+        "student": {"drop_layers": 2, "calibration_samples": 4}, "loss": {"kind": "topk"},
+        "budget": {"steps": 3, "tokens": None, "seconds": None}, "evaluation": {"every": 3}, "device": "cpu"})
+    cache = ArtifactCache(tmp_path / "cache")
+    art, _ = pipeline.build_student(cache, opts, teacher_dir, teacher_key="tk", teacher_name="tiny", progress=False)
+    data_plan = pipeline.plan(opts, "tk", "tiny")[0]
+    assert data_plan is not None
+    data = cache.lookup(data_plan.key)
+    assert data is not None and data.manifest["extra"]["records"] == 40
+    records = list(pipeline.read_records([data.path / pipeline.RECORDS_DIR]))
+    assert len(records) == 40
+    ex = example_from_record(records[0], vocab_size=VOCAB)
+    assert 1 <= ex.n_response <= 8 and ex.topk_ids.shape == (ex.n_response, 5) and ex.sampled_logprobs is not None
+    extra = art.manifest["extra"]
+    assert extra["train_examples"] + extra["heldout_examples"] == 40 and extra["steps"] == 3

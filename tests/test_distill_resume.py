@@ -112,5 +112,52 @@ def test_a_run_directory_of_another_configuration_is_refused(tmp_path: Path) -> 
         train(student, data, [], TrainConfig(loss="ce", steps=3, batch=4, lr=1e-2), run_dir=tmp_path, progress=False)
 
 
+def _build(root: Path, steps: int) -> None:
+    """Worker: the cached prune → distil chain of a tiny teacher (tests/test_distill.py's options)."""
+    sys.path.insert(0, str(REPO))
+    from shrinkserve.compression.cache import ArtifactCache
+    from shrinkserve.compression.distill import pipeline
+    from tests.test_distill import _options
+
+    torch.set_num_threads(1)
+    opts = _options(root / "data.jsonl", budget={"steps": steps}, checkpoint_every=1, evaluation={"every": 50})
+    art, _ = pipeline.build_student(ArtifactCache(root / "cache"), opts, root / "teacher", teacher_key="tk",
+                                    teacher_name="tiny", progress=False)
+    (root / "extra.json").write_text(json.dumps(art.manifest["extra"]))
+
+
+def test_a_killed_student_build_resumes_from_its_checkpoints(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from shrinkserve.compression.distill.pipeline import write_examples
+    from tests.distill_helpers import sampled_examples, save_tiny_teacher
+
+    save_tiny_teacher(tmp_path / "teacher")
+    write_examples(sampled_examples(AutoModelForCausalLM.from_pretrained(tmp_path / "teacher"), 120, seed=2),
+                   tmp_path / "data.jsonl")
+    cmd = [sys.executable, __file__, "build", str(tmp_path), "150"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    victim = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    runs = tmp_path / "cache" / "distill-runs"
+    deadline = time.monotonic() + 300
+    while not any(runs.glob("*/step-*")):
+        assert victim.poll() is None, victim.communicate()[0]
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+    time.sleep(1.0)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert not (tmp_path / "extra.json").exists()
+    assert not list((tmp_path / "cache" / "artifacts").glob("*/distill")), "no student artifact after a kill"
+    done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    extra = json.loads((tmp_path / "extra.json").read_text())
+    assert extra["steps"] == 150 and extra["resumed_from"] is not None and extra["resumed_from"] >= 1
+    assert not any(runs.iterdir())  # the run's checkpoints went with the finished artifact
+
+
 if __name__ == "__main__":
-    _run(Path(sys.argv[1]), Path(sys.argv[2]), sleep=float(sys.argv[3]))
+    if sys.argv[1] == "build":
+        _build(Path(sys.argv[2]), int(sys.argv[3]))
+    else:
+        _run(Path(sys.argv[1]), Path(sys.argv[2]), sleep=float(sys.argv[3]))

@@ -2,7 +2,7 @@
 cached nodes, so `then: gguf:q8_0` (or any HF-input method) quantizes it like any HF checkpoint.
 
     teacher (HF node: the profile's base, or `teacher_profile`'s output)
-      ├─ teacher-data   ← prompts file        (synthetic prompts only; entry records.jsonl)
+      ├─ teacher-data   ← prompts file        (synthetic prompts only; entry records/: capture segments)
       ├─ capture files  (content-hashed data nodes)
       ├─ student-init   ← teacher + data      (BI pruning; manifest extra "prune": layers and scores)
       └─ distill        ← teacher + student-init + data  (the recipe = DistillOptions.key_dump())
@@ -78,8 +78,9 @@ class Distill(MethodHandler):
             recipe = {"kind": "teacher-data", **syn.model_dump(exclude={"prompts"})}
             build = functools.partial(_build_data, syn=syn, teacher_name=teacher_name, teacher_id=teacher.identity)
             data["synthetic"] = artifact_node("data", ctx.name("teacher-data", teacher), recipe,
-                                              {"teacher": teacher, "prompts": ctx.file(syn.prompts)}, tools, build,
-                                              pipeline.RECORDS_NAME)
+                                              {"teacher": teacher, "prompts": ctx.file(syn.prompts)},
+                                              {**tools, "generator": pipeline.teacher_data_generator()}, build,
+                                              pipeline.RECORDS_DIR)
         init_recipe = {"kind": "prune", **opts.student.model_dump(), "max_len": opts.optimizer.max_len,
                        "heldout_fraction": opts.data.heldout_fraction, "max_examples": opts.data.max_examples,
                        "seed": opts.seed}
@@ -93,12 +94,8 @@ class Distill(MethodHandler):
 
 
 def _build_data(job: BuildJob, *, syn: Any, teacher_name: str, teacher_id: str) -> dict[str, Any]:
-    from transformers import AutoConfig
-
-    teacher_dir = job.inputs["teacher"]
-    block = {"profile": teacher_name, "artifact_key": teacher_id,
-             "vocab_size": int(AutoConfig.from_pretrained(teacher_dir).vocab_size)}
-    return pipeline.generate_synthetic(teacher_dir, syn, job.out, teacher=block, threads=job.threads)
+    return pipeline.generate_synthetic(job.inputs["teacher"], syn, job.out, teacher_name=teacher_name,
+                                       teacher_key=teacher_id, threads=job.threads)
 
 
 def _build_init(job: BuildJob, *, opts: DistillOptions) -> dict[str, Any]:

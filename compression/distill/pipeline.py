@@ -2,7 +2,7 @@
 
 Three cached steps, each keyed by its inputs' identities + recipe + tool versions (compression/cache.py):
 
-    teacher-data   (only for synthetic prompts)  teacher + prompts file + sampling → records.jsonl
+    teacher-data   (only for synthetic prompts)  teacher + prompts file + sampling → records/
     student-init   teacher + data + student shape → pruned HF checkpoint (BI scores in the manifest)
     student        teacher + data + student-init + full recipe → trained HF checkpoint
 
@@ -40,7 +40,7 @@ log = logging.getLogger("shrinkserve.distill")
 
 # Bump when the code's output changes for the same recipe and inputs (it is part of every key below).
 DISTILL_FORMAT = "1"
-RECORDS_NAME = "records.jsonl"
+RECORDS_DIR = "records"  # inside the teacher-data artifact: the capture records
 HELDOUT_NAME = "distill/heldout.jsonl"
 RESULT_NAME = "distill/result.json"
 
@@ -125,16 +125,52 @@ def heldout_examples(artifact_dir: Path) -> list[DistillExample]:
 # -- steps ---------------------------------------------------------------------------------------------
 
 
+def teacher_data_generator() -> str:
+    """Which generator makes synthetic teacher data here (part of the data step's key: they sample differently)."""
+    try:
+        import shrinkserve.compression.synthetic  # noqa: F401  (the capture branch's generator)
+    except ImportError:
+        return "distill.teacher_data/1"
+    return "synthetic/" + tool_version("shrinkserve")
+
+
 def generate_synthetic(
-    teacher_dir: Path, syn: SyntheticData, out_dir: Path, *, teacher: dict[str, Any], threads: int | None = None,
-    progress: bool = True,
+    teacher_dir: Path, syn: SyntheticData, out_dir: Path, *, teacher_name: str, teacher_key: str | None,
+    threads: int | None = None, progress: bool = True,
 ) -> dict[str, Any]:
-    """Teacher answers to the prompts file → `out_dir/records.jsonl` (stand-in for compression/synthetic.py)."""
+    """Teacher answers to the prompts file → capture records in `out_dir/records/`.
+
+    Uses compression/synthetic.py (capture format) when it is installed, else the stand-in in
+    teacher_data.py (JSONL with the same fields); `read_records` reads both.
+    """
+    records_dir = out_dir / RECORDS_DIR
+    try:
+        from shrinkserve.compression.synthetic import SyntheticConfig, generate_teacher_data, load_prompts
+    except ImportError:
+        return _generate_standin(teacher_dir, syn, records_dir, teacher_name=teacher_name, teacher_key=teacher_key,
+                                 threads=threads, progress=progress)
+    config = SyntheticConfig(temperature=syn.temperature, top_p=syn.top_p, max_tokens=syn.max_tokens, seed=syn.seed,
+                             top_k=syn.top_k, threads=threads)
+    report = generate_teacher_data(teacher_dir, load_prompts(syn.prompts.expanduser()), records_dir, config,
+                                   profile=teacher_name, artifact_key=teacher_key, source=f"distill:{syn.prompts.name}",
+                                   progress=progress)
+    return {"records": report.records, "tokens": report.tokens, "generator": teacher_data_generator()}
+
+
+def _generate_standin(
+    teacher_dir: Path, syn: SyntheticData, records_dir: Path, *, teacher_name: str, teacher_key: str | None,
+    threads: int | None, progress: bool,
+) -> dict[str, Any]:
     import torch
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from shrinkserve.compression.distill.teacher_data import SamplingConfig, generate_records, read_prompts
+    from shrinkserve.compression.distill.teacher_data import (
+        SamplingConfig,
+        generate_records,
+        read_prompts,
+        teacher_identity,
+    )
 
     if threads:
         torch.set_num_threads(threads)
@@ -143,10 +179,13 @@ def generate_synthetic(
     model = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
     sampling = SamplingConfig(max_new_tokens=syn.max_tokens, temperature=syn.temperature, top_p=syn.top_p,
                               top_k_keep=syn.top_k, seed=syn.seed)
+    teacher = teacher_identity(teacher_dir, profile=teacher_name, artifact_key=teacher_key,
+                               vocab_size=int(model.config.vocab_size))
     with tqdm(total=len(prompts), desc="teacher data", unit="prompt", disable=not progress) as bar:
         records = generate_records(model, tok, prompts, sampling, teacher=teacher, progress=bar.update)
-    write_jsonl_records(records, out_dir / RECORDS_NAME)
-    return {"records": len(records), "tokens": sum(len(r["completion_ids"]) for r in records)}
+    write_jsonl_records(records, records_dir / "records.jsonl")
+    return {"records": len(records), "tokens": sum(len(r["completion_ids"]) for r in records),
+            "generator": teacher_data_generator()}
 
 
 def prune_step(
@@ -197,12 +236,13 @@ def distill_step(
     (out / RESULT_NAME).write_text(json.dumps(result.to_dict(), indent=1), encoding="utf-8")
     init_manifest = init_dir / "manifest.json"
     prune = json.loads(init_manifest.read_text())["extra"].get("prune") if init_manifest.is_file() else None
+    initial = result.evals[0][result.eval_metric] if result.evals else None
     return {
         "train_examples": len(train_ex), "heldout_examples": len(held), "heldout_sha256": examples_digest(held),
         "tokens_trained": result.tokens, "sequence_tokens": result.sequence_tokens, "steps": result.steps,
         "train_seconds": round(result.seconds, 1), "stop_reason": result.stop_reason, "device": result.device,
-        "eval_metric": result.eval_metric, "heldout_initial": result.evals[0][result.eval_metric] if result.evals
-        else None, "heldout_best": result.best_eval, "best_step": result.best_step, "prune": prune,
+        "eval_metric": result.eval_metric, "resumed_from": result.resumed_from, "heldout_initial": initial,
+        "heldout_best": result.best_eval, "best_step": result.best_step, "prune": prune,
         "parameters": sum(p.numel() for p in student.parameters()),
     }
 
@@ -216,7 +256,8 @@ def plan_data(opts: DistillOptions, teacher_key: str, teacher_name: str) -> Plan
         return None
     recipe = {"kind": "teacher-data", "prompts_sha256": hash_path(syn.prompts.expanduser().resolve()),
               **syn.model_dump(exclude={"prompts"})}
-    return Planned(f"{teacher_name}/teacher-data", recipe, {"teacher": teacher_key}, tools())
+    return Planned(f"{teacher_name}/teacher-data", recipe, {"teacher": teacher_key},
+                   {**tools(), "generator": teacher_data_generator()})
 
 
 def data_identity(opts: DistillOptions, data_plan: Planned | None) -> dict[str, str]:
@@ -263,10 +304,10 @@ def build_student(
     if data_plan is not None:
         syn = opts.data.synthetic
         assert syn is not None
-        teacher_block = {"profile": teacher_name, "artifact_key": teacher_key, "vocab_size": _vocab(teacher_dir)}
         data_art, _ = data_plan.get_or_build(cache, lambda out: generate_synthetic(
-            teacher_dir, syn, out, teacher=teacher_block, threads=threads, progress=progress))
-        data_paths.append(data_art.file(RECORDS_NAME))
+            teacher_dir, syn, out, teacher_name=teacher_name, teacher_key=teacher_key, threads=threads,
+            progress=progress))
+        data_paths.append(data_art.path / RECORDS_DIR)
     init_art, _ = init_plan.get_or_build(cache, lambda out: prune_step(
         teacher_dir, data_paths, opts, out, threads=threads, progress=progress))
     run_dir = run_dir_for(cache, student_plan.key)
@@ -276,8 +317,3 @@ def build_student(
         shutil.rmtree(run_dir, ignore_errors=True)
     return art, hit
 
-
-def _vocab(teacher_dir: Path) -> int:
-    from transformers import AutoConfig
-
-    return int(AutoConfig.from_pretrained(teacher_dir).vocab_size)

@@ -2,8 +2,8 @@
 its chat template, and every response token keeps the teacher's top-k and its own logprob under the RAW
 distribution (temperature 1, before top-p: what interfaces.md §3 records, and what KD matches).
 
-A stand-in: the capture branch's synthetic generator (issue 10 item 2) writes the same §3 fields into the
-real capture format, and replaces this for `shrinkserve distill`. The evidence script uses this one until then.
+A stand-in for compression/synthetic.py (the capture branch's generator, same §3 fields in the real capture
+format): pipeline.generate_synthetic uses this one only where that module is not installed.
 """
 
 from __future__ import annotations
