@@ -371,6 +371,8 @@ def test_prune_then_distill_through_the_cache(tmp_path: Path) -> None:
     again, hit = pipeline.build_student(cache, opts, teacher_dir, teacher_key="tk", teacher_name="tiny",
                                         progress=False)
     assert hit and again.key == art.key
+    text = pipeline.summary(extra)
+    assert "4 of 6 layers" in text and "10 steps" in text and "pruned →" in text
 
 
 def test_synthetic_teacher_data_feeds_the_chain(tmp_path: Path) -> None:

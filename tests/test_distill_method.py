@@ -79,9 +79,14 @@ def test_distill_keys_follow_recipe_data_and_teacher(setup, tmp_path: Path) -> N
 def test_distill_then_int8_quantizes_the_student(setup, tmp_path: Path) -> None:
     teacher_dir, data = setup
     b = _builder(tmp_path / "cache", teacher_dir, {"s": _profile(data), "s8": _profile(data, then=["int8"])})
+    from shrinkserve.compression.distill.method import find_distill_node
+
     plain = b.build("s")
     quant = b.build("s8")
     assert quant.method == "distill+int8" and quant.key != plain.key
+    # evaluation finds the student's held-out traffic through the chain
+    found = find_distill_node(b.plan("s8").node)
+    assert found is not None and found.key == plain.key
     manifest = json.loads((quant.path / "manifest.json").read_text()) if quant.path.is_dir() else quant.manifest
     assert manifest["inputs"]  # derived from the student artifact, not from the base
 

@@ -118,3 +118,18 @@ def _sweep_finished_runs(runs: Path, artifacts: Path) -> None:
     for run in runs.iterdir():
         if (artifacts / run.name).is_dir():
             shutil.rmtree(run, ignore_errors=True)
+
+
+def find_distill_node(node: Node) -> Node | None:
+    """The distill step at or upstream of a profile's final node (a `then:` chain's GGUF or int8 included)."""
+    seen: set[int] = set()
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if id(n) in seen:
+            continue
+        seen.add(id(n))
+        if n.plan is not None and n.plan.recipe.get("kind") == "distill":
+            return n
+        stack.extend(n.deps.values())
+    return None

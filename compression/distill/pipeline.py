@@ -122,6 +122,25 @@ def heldout_examples(artifact_dir: Path) -> list[DistillExample]:
     return load_examples(read_jsonl_records([Path(artifact_dir) / HELDOUT_NAME]))
 
 
+def summary(extra: dict[str, Any]) -> str:
+    """What `shrinkserve distill` prints about a student (from its manifest's extra)."""
+    prune = extra.get("prune") or {}
+    lines = []
+    if prune:
+        lines.append(f"student: {len(prune['kept_layers'])} of {prune['layers_before']} layers "
+                     f"(dropped {prune['dropped_layers']} by block influence), intermediate "
+                     f"{prune['intermediate_before']} → {prune['intermediate_after']}, "
+                     f"{prune['parameters_after'] / 1e6:.1f}M of {prune['parameters_before'] / 1e6:.1f}M parameters")
+    lines.append(f"trained: {extra['tokens_trained']} response tokens ({extra['sequence_tokens']} in all), "
+                 f"{extra['steps']} steps, {extra['train_seconds']:.0f} s on {extra['device']}, stopped by "
+                 f"{extra['stop_reason']}" + (f", resumed from step {extra['resumed_from']}"
+                                              if extra.get("resumed_from") is not None else ""))
+    if extra.get("heldout_initial") is not None:
+        lines.append(f"held-out {extra['eval_metric']} ({extra['heldout_examples']} examples): "
+                     f"{extra['heldout_initial']:.4f} pruned → {extra['heldout_best']:.4f} (step {extra['best_step']})")
+    return "\n".join(lines)
+
+
 # -- steps ---------------------------------------------------------------------------------------------
 
 
