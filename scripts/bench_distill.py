@@ -321,9 +321,12 @@ def plot(res: dict[str, Any], path: Path) -> None:
     axes[0].invert_yaxis()
     axes[0].legend()
     t = res["rows"]["teacher"]["tok_s"]
-    axes[1].barh(y, [r.get("tok_s", np.nan) / t for _, r in rows], color="C3")
+    rel = [r.get("tok_s", np.nan) / t for _, r in rows]
+    axes[1].barh(y, rel, color="C3")
+    for yi, (v, (_, r)) in enumerate(zip(rel, rows, strict=True)):
+        axes[1].text(v, yi, f" {r['bytes'] / 1e6:.0f} MB", va="center", fontsize=8)
     axes[1].axvline(1.0, color="k", lw=0.8)
-    axes[1].set_xlabel("decode tok/s relative to the f32 teacher (torch)")
+    axes[1].set_xlabel("decode tok/s relative to the f32 teacher (torch); size on disk")
     fig.suptitle("Distilled students vs the teacher and its quants (SmolLM2-135M-Instruct)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -338,7 +341,7 @@ def main() -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--drop-layers", type=int, default=10)
     p.add_argument("--tokens", type=int, default=12_000, help="response tokens trained per student")
-    p.add_argument("--seconds", type=float, default=240.0, help="wall-clock cap per student")
+    p.add_argument("--seconds", type=float, default=180.0, help="wall-clock cap per student (6 students)")
     p.add_argument("--task-prompts", type=int, default=200)
     p.add_argument("--general-prompts", type=int, default=120)
     p.add_argument("--max-new-tokens", type=int, default=96)

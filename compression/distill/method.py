@@ -58,6 +58,9 @@ class Distill(MethodHandler):
     accepts: ClassVar[tuple[ArtifactKind, ...]] = ()  # a profile's first method: its input is a teacher
     tools = ("torch", "transformers")
     tool_constants: ClassVar[Mapping[str, str]] = {"shrinkserve_distill": pipeline.DISTILL_FORMAT}
+    # Training takes minutes to hours: a distill profile should load lazily unless its YAML says otherwise
+    # (ProfileSpec.load defaults to eager; the spec should honour this when `load` is not set).
+    default_load: ClassVar[str] = "lazy"
 
     def label(self, opts: MethodOptions) -> str:
         assert isinstance(opts, DistillOptions)
