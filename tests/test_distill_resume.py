@@ -110,6 +110,27 @@ def test_a_run_directory_of_another_configuration_is_refused(tmp_path: Path) -> 
     assert r.resumed_from == 2 and r.steps == 3
     with pytest.raises(ValueError, match="another training configuration"):
         train(student, data, [], TrainConfig(loss="ce", steps=3, batch=4, lr=1e-2), run_dir=tmp_path, progress=False)
+    with pytest.raises(ValueError, match="or data"):
+        train(student, data[:-1], [], TrainConfig(loss="ce", steps=3, batch=4, checkpoint_every=1), run_dir=tmp_path,
+              progress=False)
+
+
+def test_an_early_stop_stays_stopped_when_resumed(tmp_path: Path) -> None:
+    from shrinkserve.compression.distill.prune import prune
+    from shrinkserve.compression.distill.train import TrainConfig, train
+    from tests.distill_helpers import sampled_examples, tiny_teacher
+
+    teacher = tiny_teacher(layers=4)
+    data = sampled_examples(teacher, 24, seed=1)
+    cfg = dict(loss="kd", batch=4, lr=5.0, warmup_steps=0, grad_clip=None, eval_every=1, patience=1,
+               checkpoint_every=1)
+    student, _ = prune(teacher, [ex.ids for ex in data[:4]], drop_layers=1)
+    first = train(student, data[:20], data[20:], TrainConfig(steps=20, **cfg), teacher=teacher, run_dir=tmp_path,
+                  progress=False)
+    assert first.stop_reason == "early_stop" and first.steps < 20
+    again = train(student, data[:20], data[20:], TrainConfig(steps=40, **cfg), teacher=teacher, run_dir=tmp_path,
+                  progress=False)
+    assert again.stop_reason == "early_stop" and again.steps == first.steps and again.resumed_from == first.steps
 
 
 def _build(root: Path, steps: int) -> None:

@@ -34,7 +34,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from shrinkserve.compression.distill.checkpoint import CheckpointStore, write_file_atomic
-from shrinkserve.compression.distill.data import DistillExample
+from shrinkserve.compression.distill.data import DistillExample, examples_digest
 from shrinkserve.compression.distill.losses import LossKind, forward_kl, token_losses, topk_tail_kl
 
 log = logging.getLogger("shrinkserve.distill.train")
@@ -402,11 +402,13 @@ def train(
     best_eval: float | None = None
     since_best = 0
     resumed_from = None
+    stopped: str | None = None
+    data_sha256 = examples_digest(train_examples)
     ckpt = store.latest() if store is not None else None
     if ckpt is not None:
-        if ckpt.state.get("fingerprint") != cfg.fingerprint():
-            raise ValueError(f"{run_dir} holds a checkpoint of another training configuration; remove it or "
-                             "use another run directory")
+        if ckpt.state.get("fingerprint") != cfg.fingerprint() or ckpt.state.get("data_sha256") != data_sha256:
+            raise ValueError(f"{run_dir} holds a checkpoint of another training configuration or data; remove it "
+                             "or use another run directory")
         student.load_state_dict(ckpt.model_state(dev))
         optimizer.load_state_dict(ckpt.optimizer_state(dev))
         s = ckpt.state
@@ -415,6 +417,7 @@ def train(
         best_step, best_eval, since_best = s["best_step"], s["best_eval"], s["since_best"]
         cursor = DataCursor(len(train_examples), cfg.seed, s["cursor"]["epoch"], s["cursor"]["index"])
         _set_rng_state(s["rng"], dev)
+        stopped = s.get("stopped")  # an early stop is final, whatever budget is left
         resumed_from = step
         log.info("resuming distillation from step %d (%d tokens, %.0f s)", step, tokens, seconds)
 
@@ -437,6 +440,7 @@ def train(
             "fingerprint": cfg.fingerprint(), "tokens": tokens, "sequence_tokens": seq_tokens, "seconds": seconds,
             "history": history, "evals": evals, "best_step": best_step, "best_eval": best_eval,
             "since_best": since_best, "cursor": cursor.state(), "rng": _rng_state(dev),
+            "data_sha256": data_sha256, "stopped": "early_stop" if stop == "early_stop" else None,
         })
         assert run_dir is not None
         _drop_unreferenced_best(run_dir, store, best_step)
@@ -450,7 +454,7 @@ def train(
             return "seconds"
         return None
 
-    stop = budget_reached()
+    stop: str | None = stopped or budget_reached()
     if heldout and not evals:  # the initial (pruned) student's held-out score: the baseline to beat
         evaluate_now()
     by_tokens = cfg.tokens is not None
