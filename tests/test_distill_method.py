@@ -1,0 +1,103 @@
+"""`method: distill` through the method registry: a profile's flat YAML → options, the DAG through the cache,
+`then:` on the student, keys. Needs the capture branch's registry (compression/methods/); skipped without it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("shrinkserve.compression.methods.base")
+
+from shrinkserve.compression.cache import ArtifactCache
+from shrinkserve.compression.distill import method as _registered  # noqa: F401  (registers "distill")
+from shrinkserve.compression.distill.pipeline import HELDOUT_NAME, heldout_examples, write_examples
+from tests.distill_helpers import sampled_examples, save_tiny_teacher
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("distill-method")
+    teacher_dir = save_tiny_teacher(root / "teacher")
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir)
+    data = root / "capture.jsonl"
+    write_examples(sampled_examples(teacher, 120, seed=5), data)
+    return teacher_dir, data
+
+
+def _profile(data: Path, **extra: object) -> dict:
+    return {"method": "distill", "data": {"capture": [str(data)], "heldout_fraction": 0.2},
+            "student": {"drop_layers": 2, "calibration_samples": 4},
+            "budget": {"steps": 4, "tokens": None, "seconds": None}, "optimizer": {"batch": 8, "lr": 1e-3},
+            "evaluation": {"every": 2, "patience": 0}, "device": "cpu", "load": "lazy", **extra}
+
+
+def _builder(cache: Path, teacher_dir: Path, profiles: dict) -> object:
+    from shrinkserve.compression.profiles import BaseSpec, ProfileBuilder, ProfileSpec
+
+    specs = {name: ProfileSpec.model_validate(p) for name, p in profiles.items()}
+    return ProfileBuilder(ArtifactCache(cache), {"tiny": BaseSpec(source=str(teacher_dir))}, specs, threads=1)
+
+
+def test_distill_profile_builds_a_student_through_the_registry(setup, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    teacher_dir, data = setup
+    b = _builder(tmp_path / "cache", teacher_dir, {"student": _profile(data)})
+    assert b.status("student")["state"] == "missing"
+    built = b.build("student")
+    assert built.method == "distill" and built.engine == "torch" and not built.cache_hit
+    student = AutoModelForCausalLM.from_pretrained(built.path)
+    assert student.config.num_hidden_layers == 4
+    extra = built.manifest["extra"]
+    assert extra["steps"] == 4 and extra["prune"]["dropped_layers"] and extra["heldout_examples"] > 0
+    assert (built.path / HELDOUT_NAME).is_file() and heldout_examples(built.path)
+    assert built.manifest["recipe"]["kind"] == "distill" and "device" not in built.manifest["recipe"]
+    assert b.status("student")["state"] == "cached" and b.build("student").cache_hit
+    runs = tmp_path / "cache" / "distill-runs"
+    assert not runs.exists() or not any(runs.iterdir()) or all(
+        (tmp_path / "cache" / "artifacts" / r.name).is_dir() for r in runs.iterdir())
+
+
+def test_distill_keys_follow_recipe_data_and_teacher(setup, tmp_path: Path) -> None:
+    teacher_dir, data = setup
+    other = tmp_path / "other.jsonl"
+    other.write_text("\n".join(data.read_text().splitlines()[:-1]) + "\n")
+    b = _builder(tmp_path / "cache", teacher_dir, {
+        "a": _profile(data), "same": _profile(data, device="auto", checkpoint_every=3),
+        "loss": _profile(data, loss={"kind": "topk"}), "data": {**_profile(other)},
+        "shape": _profile(data, student={"drop_layers": 1}),
+    })
+    keys = {name: b.key(name) for name in ("a", "same", "loss", "data", "shape")}
+    assert keys["a"] == keys["same"]
+    assert len({keys[n] for n in ("a", "loss", "data", "shape")}) == 4
+
+
+def test_distill_then_int8_quantizes_the_student(setup, tmp_path: Path) -> None:
+    teacher_dir, data = setup
+    b = _builder(tmp_path / "cache", teacher_dir, {"s": _profile(data), "s8": _profile(data, then=["int8"])})
+    from shrinkserve.compression.distill.method import find_distill_node
+
+    plain = b.build("s")
+    quant = b.build("s8")
+    assert quant.method == "distill+int8" and quant.key != plain.key
+    # evaluation finds the student's held-out traffic through the chain
+    found = find_distill_node(b.plan("s8").node)
+    assert found is not None and found.key == plain.key
+    manifest = json.loads((quant.path / "manifest.json").read_text()) if quant.path.is_dir() else quant.manifest
+    assert manifest["inputs"]  # derived from the student artifact, not from the base
+
+
+def test_unknown_or_misplaced_distill_options_are_rejected(setup) -> None:
+    from shrinkserve.compression.profiles import ProfileSpec
+
+    _, data = setup
+    with pytest.raises(ValueError):
+        ProfileSpec.model_validate(_profile(data, loss={"kind": "nope"}))
+    with pytest.raises(ValueError):
+        ProfileSpec.model_validate(_profile(data, group_size=32))  # a weight-only option means nothing here
+    with pytest.raises(ValueError):
+        ProfileSpec.model_validate({"method": "rtn", "then": ["distill"]})  # distill is a first step only
