@@ -174,7 +174,9 @@ def save_compressed_tensors(
     ordered = sorted(by_scheme.items(), key=lambda kv: -len(kv[1]))
     groups = []
     for i, ((bits, group_size, symmetric), names) in enumerate(ordered):
-        targets = ["Linear"] if i == 0 else sorted(names)
+        # vLLM builds the head as a ParallelLMHead, which the class target "Linear" does not match: a quantized
+        # head is always named explicitly (else vLLM keeps it dense and rejects lm_head.weight_packed).
+        targets = (["Linear", *(["lm_head"] if "lm_head" in names else [])]) if i == 0 else sorted(names)
         groups.append((targets, _weights_args(bits, group_size, symmetric)))
     ignore = [] if "lm_head" in quantized else ["lm_head"]
     # A linear left dense whose class would match "Linear" must be ignored too (besides lm_head).
@@ -186,6 +188,11 @@ def save_compressed_tensors(
 
     config = json.loads((source_dir / "config.json").read_text())
     config["quantization_config"] = quantization_config(groups, ignore)
+    if "lm_head" in quantized and config.get("tie_word_embeddings"):
+        # A quantized head cannot stay tied to the dense embedding: vLLM 0.32 would tie only `.weight` and skip
+        # every `lm_head.*` tensor of a tied model, leaving the packed head uninitialised. Untied, it loads the
+        # head's own packed weights (and our loader does the same).
+        config["tie_word_embeddings"] = False
     if dense_dtype is not None:
         # transformers 5 writes "dtype", 4.x "torch_dtype"; vLLM's --dtype auto reads either.
         config["torch_dtype"] = config["dtype"] = str(dense_dtype).removeprefix("torch.")
