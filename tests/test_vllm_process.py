@@ -346,7 +346,9 @@ def test_real_abort_on_close_and_metrics_relay(real_vllm: VllmProcess) -> None:
                 if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())]
         return sum(vals)
 
-    aborted_before = metric("vllm:request_success_total", finished_reason="abort", profile="vllm-base")
+    # vLLM 0.32 counts only finished requests in vllm:request_success_total (an aborted one is not counted);
+    # what shows the abort is its log line and that generation stopped far short of max_tokens.
+    generated_before = metric("vllm:generation_tokens_total", profile="vllm-base")
 
     async def scenario() -> None:
         client = VllmClient(real_vllm.endpoint, "vllm-base")
@@ -364,6 +366,8 @@ def test_real_abort_on_close_and_metrics_relay(real_vllm: VllmProcess) -> None:
     while time.monotonic() < deadline and metric("vllm:num_requests_running", profile="vllm-base") != 0:
         time.sleep(0.2)
     assert metric("vllm:num_requests_running", profile="vllm-base") == 0  # not decoding 1,500 tokens on
-    assert metric("vllm:request_success_total", finished_reason="abort", profile="vllm-base") == aborted_before + 1
+    time.sleep(1.0)
+    generated = metric("vllm:generation_tokens_total", profile="vllm-base") - generated_before
+    assert 3 <= generated < 200, generated  # 1,500 asked for
     assert "Aborted request" in real_vllm.log_path.read_text()
     assert metric("vllm:kv_cache_usage_perc", profile="vllm-base") >= 0  # family present, relabelled
