@@ -83,6 +83,8 @@ class Settings(BaseSettings):
     # Seconds a request for a lazy profile waits while that profile is built and loaded.
     load_timeout_seconds: float = Field(default=900.0, gt=0)
     api_keys: list[str] = Field(default_factory=list, description="accepted bearer tokens; empty = no auth")
+    # `engine: vllm` profiles run `<vllm_python> -m vllm.entrypoints.openai.api_server` (vLLM in its own venv).
+    vllm_python: Path | None = Field(default=None, description="vLLM venv's interpreter; None: .venv-vllm/bin/python")
 
     bases: dict[str, BaseSpec] = Field(default_factory=lambda: {"smollm2": BaseSpec()})
     profiles: dict[str, ProfileSpec] = Field(default_factory=dict)
