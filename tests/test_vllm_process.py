@@ -64,6 +64,7 @@ def test_argv_and_env_follow_the_options(tmp_path: Path, monkeypatch: pytest.Mon
     opts = VllmOptions(python=Path("/v/bin/python"), tensor_parallel_size=2, gpu_memory_utilization=0.8,
                        max_model_len=4096, max_num_seqs=8, dtype="bfloat16", kv_cache_dtype="fp8",
                        enforce_eager=True, max_logprobs=32, cpu_kvcache_space_gib=3, cpu_threads_bind="0-1",
+                       log_requests=True,
                        extra_args=["--seed", "1"], env={"VLLM_CPU_INT4_W4A8": "0"})
     p = VllmProcess(tmp_path, "awq", opts, log_path=tmp_path / "log", endpoint=Endpoint(port=1234))
     argv = p.argv()
@@ -74,7 +75,7 @@ def test_argv_and_env_follow_the_options(tmp_path: Path, monkeypatch: pytest.Mon
     assert pairs["--max-model-len"] == "4096" and pairs["--max-num-seqs"] == "8"
     assert pairs["--dtype"] == "bfloat16" and pairs["--kv-cache-dtype"] == "fp8"
     assert pairs["--max-logprobs"] == "32" and pairs["--host"] == "127.0.0.1" and pairs["--port"] == "1234"
-    assert "--enforce-eager" in argv and argv[-2:] == ["--seed", "1"]
+    assert "--enforce-eager" in argv and "--enable-log-requests" in argv and argv[-2:] == ["--seed", "1"]
     env = p.env()
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "3" and env["VLLM_CPU_OMP_THREADS_BIND"] == "0-1"
     assert env["VLLM_NO_USAGE_STATS"] == "1" and env["HF_HUB_OFFLINE"] == "1" and env["VLLM_CPU_INT4_W4A8"] == "0"
@@ -84,7 +85,7 @@ def test_argv_and_env_follow_the_options(tmp_path: Path, monkeypatch: pytest.Mon
                         endpoint=Endpoint(uds=tmp_path / "s.sock")).argv()
     assert "--uds" in unset and "--port" not in unset
     for flag in ("--gpu-memory-utilization", "--max-model-len", "--max-num-seqs", "--kv-cache-dtype",
-                 "--enforce-eager"):
+                 "--enforce-eager", "--enable-log-requests"):
         assert flag not in unset  # None = vLLM's own default
 
 
@@ -281,7 +282,7 @@ def real_vllm(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
         pytest.skip(f"vLLM venv absent ({VLLM_PYTHON}); `make vllm` creates it")
     # Eager: no torch.compile, so a cold start takes about a minute instead of 75-300 s on 2 cores.
     opts = VllmOptions(dtype="bfloat16", max_model_len=2048, max_num_seqs=8, cpu_kvcache_space_gib=1,
-                       enforce_eager=True, max_logprobs=20)
+                       enforce_eager=True, max_logprobs=20, log_requests=True)
     p = VllmProcess(base_checkpoint(cache_dir), "vllm-base", opts,
                     log_path=tmp_path_factory.mktemp("vllm") / "vllm.log")
     p.start()
@@ -363,7 +364,8 @@ def test_real_abort_on_close_and_metrics_relay(real_vllm: VllmProcess) -> None:
 
     asyncio.run(scenario())
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and metric("vllm:num_requests_running", profile="vllm-base") != 0:
+    while time.monotonic() < deadline and (metric("vllm:num_requests_running", profile="vllm-base") != 0
+                                           or "Aborted request" not in real_vllm.log_path.read_text()):
         time.sleep(0.2)
     assert metric("vllm:num_requests_running", profile="vllm-base") == 0  # not decoding 1,500 tokens on
     time.sleep(1.0)

@@ -9,7 +9,7 @@ from the global Prometheus registry. Production wrappers (KServe, production-sta
                  loopback port or a Unix socket, from a typed `VllmOptions`.
 * `VllmClient`   streams `/v1/completions` with token-id prompts and `return_token_ids`, yielding per-chunk
                  token ids, text, logprobs and the finish reason. Closing the iterator closes the HTTP
-                 stream, which makes vLLM abort the request (its log says "Aborted request ...").
+                 stream, which makes vLLM abort the request (with `log_requests` its log says "Aborted request(s)").
 * `VllmMetricsRelay`  a prometheus_client Collector that scrapes each child's `/metrics` at scrape time and
                  re-exports its `vllm:*` families with a `profile` label.
 
@@ -73,6 +73,8 @@ class VllmOptions(BaseModel):
     enforce_eager: bool = Field(default=False, description="skip torch.compile/graphs: faster start, slower decode")
     # Capture keeps the top-20 per token (capture.top_k); vLLM rejects logprobs above --max-logprobs.
     max_logprobs: int = Field(default=20, ge=0)
+    # vLLM's per-request log lines (arrival, "Aborted request(s) ..."): off by default, they carry prompts.
+    log_requests: bool = False
     # vLLM-CPU only: GiB of KV cache (VLLM_CPU_KVCACHE_SPACE) and the cores its OpenMP threads bind to.
     cpu_kvcache_space_gib: float | None = Field(default=2, gt=0)
     cpu_threads_bind: str | None = Field(default=None, description="VLLM_CPU_OMP_THREADS_BIND; default: all CPUs")
@@ -177,6 +179,8 @@ class VllmProcess:
         args += [a for name, value in flags if value is not None for a in (name, str(value))]
         if o.enforce_eager:
             args.append("--enforce-eager")
+        if o.log_requests:
+            args.append("--enable-log-requests")
         return [*args, *o.extra_args]
 
     def env(self, base: Mapping[str, str] | None = None) -> dict[str, str]:
