@@ -351,6 +351,8 @@ def plot(rows: list[Row], path: Path, title: str) -> None:
         ax.set_xlabel("concurrent streams")
         ax.set_ylabel(label)
         ax.set_xscale("log", base=2)
+        streams = sorted({r.streams for r in rows})
+        ax.set_xticks(streams, [str(n) for n in streams])
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
