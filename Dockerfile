@@ -15,9 +15,10 @@
 #     -v "$PWD/profiles.yaml:/etc/shrinkserve/config.yaml:ro" \
 #     -e SHRINKSERVE_CONFIG=/etc/shrinkserve/config.yaml shrinkserve:0.1.0
 #
-# The GPU target: vLLM's engine is NOT implemented in shrinkserve yet. The image carries vllm and its
-# CUDA torch so the engine can land without a new image layout; today it serves the same engines as
-# the CPU image (llama.cpp for GGUF profiles, PyTorch for the others, which then can use CUDA torch).
+# The GPU target: the project's venv (/opt/venv) with PyPI's CUDA build of torch, and vLLM in a venv of
+# its own (/opt/vllm): vLLM pins transformers/compressed-tensors versions that clash with ours, so
+# shrinkserve runs it as a child process (`engine: vllm`, server/engines/vllm_process.py) found through
+# SHRINKSERVE_VLLM_PYTHON. GGUF profiles stay on the CPU build of llama.cpp.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
@@ -86,15 +87,24 @@ RUN python -m venv /opt/venv \
 # ---------------------------------------------------------------------------------------------------
 FROM builder AS venv-gpu
 
-# vLLM pins its own CUDA torch (vllm 0.33.0 → torch 2.14.0), which conflicts with the project's CPU
-# pin; so the project's other dependencies come from pyproject minus torch, then the project itself
-# without deps. llama.cpp stays the CPU build from the builder (a CUDA build needs the CUDA toolkit).
-ARG VLLM_VERSION=0.33.0
+# The project's own venv with CUDA torch: the same pin as pyproject (torch==2.13.0), from PyPI's default
+# index, whose Linux wheel is the CUDA build (the CPU image takes the CPU index instead). The PyTorch engine
+# places hf/int8/int4 profiles on the GPU (device: auto). llama.cpp stays the CPU build from the builder.
 RUN python -m venv /opt/venv \
- && python -c "import tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; \
-print('\n'.join(d for d in deps if not d.startswith('torch')))" > /tmp/requirements.txt \
- && pip install --no-cache-dir --find-links /wheels -r /tmp/requirements.txt "vllm==${VLLM_VERSION}" \
- && pip install --no-cache-dir --no-deps .
+ && pip install --no-cache-dir torch==2.13.0 \
+ && pip install --no-cache-dir --find-links /wheels . \
+ && pip install --no-cache-dir --no-deps llmcompressor==0.14.0.1 compressed-tensors==0.19.0 auto-round==0.15.1 \
+ && pip install --no-cache-dir loguru==0.7.3 datasets==5.2.0 nvidia-ml-py==13.615.71 pillow==13.0.0 \
+    psutil==7.2.2 py-cpuinfo==9.0.0
+
+# ---------------------------------------------------------------------------------------------------
+# vLLM in its own venv (~10 GB with its CUDA torch): never the project's, its pins clash with ours.
+FROM base AS venv-vllm
+
+ARG VLLM_VERSION=0.33.0
+RUN python -m venv /opt/vllm \
+ && /opt/vllm/bin/pip install --no-cache-dir "vllm==${VLLM_VERSION}" \
+ && /opt/vllm/bin/python -c "import vllm.entrypoints.openai.api_server"
 
 # ---------------------------------------------------------------------------------------------------
 # Runtime: no compiler, no sources; a non-root user owning only the cache directory.
@@ -130,6 +140,9 @@ CMD ["shrinkserve", "serve"]
 FROM runtime AS gpu
 
 COPY --from=venv-gpu /opt/venv /opt/venv
+COPY --from=venv-vllm /opt/vllm /opt/vllm
+# `engine: vllm` profiles start `$SHRINKSERVE_VLLM_PYTHON -m vllm.entrypoints.openai.api_server` per profile.
+ENV SHRINKSERVE_VLLM_PYTHON=/opt/vllm/bin/python
 USER ${UID}
 # No prebuilt artifacts here: they are keyed by tool versions (torch differs from the CPU image) and
 # the GPU image is usually deployed with its own profiles; they build on first start into the volume.

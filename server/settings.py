@@ -121,6 +121,8 @@ class Settings(BaseSettings):
     # On SIGTERM: /ready turns 503 and new requests get 503 at once; running generations get this long
     # to finish, then end with finish_reason "abort". The chart's terminationGracePeriodSeconds covers it.
     drain_timeout_seconds: float = Field(default=30.0, ge=0, le=3600)
+    # `engine: vllm` profiles run `<vllm_python> -m vllm.entrypoints.openai.api_server` (vLLM in its own venv).
+    vllm_python: Path | None = Field(default=None, description="vLLM venv's interpreter; None: .venv-vllm/bin/python")
 
     bases: dict[str, BaseSpec] = Field(default_factory=lambda: {"smollm2": BaseSpec()})
     profiles: dict[str, ProfileSpec] = Field(default_factory=dict)

@@ -522,3 +522,21 @@ def test_notes_tell_how_to_reach_the_api(tmp_path: Path) -> None:
     gpu = notes(GPU_VALUES)
     assert "no vLLM engine yet" in gpu and "Authorization: Bearer" in gpu and "prometheus-adapter" in gpu
     assert "NODE_PORT" in notes(CHART / "ci" / "podmonitor-values.yaml")
+
+
+def test_gpu_values_prepare_vllm_children(tmp_path: Path) -> None:
+    """GPU pods get the vLLM venv's interpreter and an in-memory /dev/shm (vLLM workers share tensors there);
+    CPU pods get neither."""
+    docs = docs_of(GPU_VALUES)
+    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    env = container_env(docs)
+    assert env["SHRINKSERVE_VLLM_PYTHON"] == "/opt/vllm/bin/python"  # the Dockerfile's gpu stage puts it there
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "8Gi"}
+    assert {"name": "dshm", "mountPath": "/dev/shm"} in server_container(docs)["volumeMounts"]
+    no_shm = tmp_path / "no-shm.yaml"
+    no_shm.write_text("gpu: {enabled: true, shmSizeLimit: 0}\n")
+    assert "dshm" not in {v["name"] for v in one(docs_of(no_shm), "Deployment")["spec"]["template"]["spec"]["volumes"]}
+    cpu = docs_of()
+    assert "SHRINKSERVE_VLLM_PYTHON" not in container_env(cpu)
+    assert "dshm" not in {v["name"] for v in one(cpu, "Deployment")["spec"]["template"]["spec"]["volumes"]}

@@ -122,10 +122,12 @@ class TorchEngine(Engine):
 
         self.threads = threads
         self.max_batch = max_batch
+        from shrinkserve.compression.compressed_tensors import is_compressed_tensors_checkpoint
         from shrinkserve.compression.quant_format import is_quantized_checkpoint
 
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        if is_quantized_checkpoint(path):
+        # Never transformers' own compressed-tensors loader: it mis-shapes packed zero points.
+        if is_quantized_checkpoint(path) or is_compressed_tensors_checkpoint(path):
             from shrinkserve.server.engines.torch_quant import load_quantized_model
 
             self.model = load_quantized_model(path, getattr(torch, dtype))

@@ -1,5 +1,5 @@
-"""Loading shrinkserve's weight-only quantized checkpoints: dense parts into the HF model, quantized
-linears swapped for the CPU kernels of shrinkserve.kernels."""
+"""Loading weight-only quantized checkpoints — shrinkserve's own format or compressed-tensors pack-quantized —
+dense parts into the HF model, quantized linears swapped for the CPU kernels of shrinkserve.kernels."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from shrinkserve.compression.compressed_tensors import is_compressed_tensors_checkpoint, load_compressed_tensors
 from shrinkserve.compression.quant_format import QuantizedLinear, load_quantized_checkpoint
 
 
@@ -22,8 +23,14 @@ def _kernel_module(ql: QuantizedLinear, bias: torch.Tensor | None) -> torch.nn.M
 def load_quantized_model(path: Path, dtype: torch.dtype) -> torch.nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    _, dense, quantized = load_quantized_checkpoint(path)
+    load = load_compressed_tensors if is_compressed_tensors_checkpoint(path) else load_quantized_checkpoint
+    _, dense, quantized = load(path)
     config = AutoConfig.from_pretrained(path)
+    # Built from the config without its quantization_config: transformers would otherwise set up its own
+    # compressed-tensors quantizer; our kernels replace the linears below.
+    config.quantization_config = None
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
     if "lm_head" in quantized:
         # The output projection gets its own quantized weights; the embedding stays dense.
         config.tie_word_embeddings = False
