@@ -465,3 +465,27 @@ def test_client_leaving_the_queue_returns_its_place(engine: FakeEngine) -> None:
         asyncio.run(go())
     finally:
         core.close()
+
+
+def test_unseeded_prompts_join_the_decode_forward_seeded_ones_prefill_alone(engine: FakeEngine) -> None:
+    core = make_core(engine)
+    engine.step_delay = 0.005  # the first two are still decoding when the others arrive
+    first = [GenerationRequest(ids_of(p), SamplingParams(max_tokens=30, ignore_eos=True)) for p in ("ab", "cd")]
+    late_unseeded = GenerationRequest(ids_of("unseeded"), SamplingParams(max_tokens=3, ignore_eos=True))
+    late_seeded = GenerationRequest(ids_of("seed"), SamplingParams(max_tokens=3, seed=1, ignore_eos=True))
+    try:
+        n0 = len(core.model.forwards)  # the warm-up and the invariance probe
+
+        async def go() -> None:
+            running = [asyncio.ensure_future(run_one(core, r)) for r in first]
+            while len(core.model.forwards) < n0 + 4:
+                await asyncio.sleep(0.005)
+            await asyncio.gather(run_one(core, late_unseeded), run_one(core, late_seeded), *running)
+
+        asyncio.run(go())
+    finally:
+        core.close()
+    n_unseeded, n_seeded = len(late_unseeded.prompt_ids), len(late_seeded.prompt_ids)  # 8 and 4 tokens: one chunk
+    mixed = [f for f in core.model.forwards[n0:] if any(n == n_unseeded for _, n in f) and any(n == 1 for _, n in f)]
+    assert mixed, str(core.model.forwards)  # the unseeded prompt rode with decode rows
+    assert all(len(f) == 1 for f in core.model.forwards[n0:] if any(n == n_seeded for _, n in f))  # the seeded alone

@@ -42,7 +42,8 @@ class LlamaCppBatch(BatchModel):
         # its sequences need (a unified buffer makes every row attend over every sequence's cells,
         # masked) and a sequence's logits do not depend on where other sequences sit in memory.
         params.kv_unified = False
-        params.n_batch = params.n_ubatch = max(engine.max_batch, max_seqs)
+        # A step carries at most one prompt chunk's worth of tokens plus one decode row per slot.
+        params.n_batch = params.n_ubatch = engine.max_batch + max_seqs
         params.n_threads = params.n_threads_batch = engine.threads
         params.no_perf = True
         # "auto" turns flash attention on for CPU, whose f16 accumulation visibly changed greedy output

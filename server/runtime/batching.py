@@ -3,10 +3,11 @@
 Each iteration of the scheduler:
 1. frees the slots of cancelled sequences (between steps: no forward touches them any more);
 2. takes newly submitted sequences into free slots;
-3. prefills: each sequence's prompt runs alone, in chunks cut at fixed boundaries (compression/scoring.chunk_ends),
-   at most `max_chunk` prompt tokens per iteration so running streams keep their pace;
-4. decodes: ONE forward over every decoding sequence, each row advanced by its own `DecodeState`
-   (seeded RNG, stop strings, logprobs, capture top-k);
+3. prefills: prompts are cut at fixed boundaries (compression/scoring.chunk_ends), at most `max_chunk`
+   prompt tokens per iteration so running streams keep their pace; a seeded sequence's chunks run alone,
+   every other prompt's next chunk joins the decode forward;
+4. decodes: ONE forward over every decoding sequence (and the joining prompt chunks), each row advanced
+   by its own `DecodeState` (seeded RNG, stop strings, logprobs, capture top-k);
 5. hands the steps to the event loop in one call.
 
 Determinism: a profile's batch invariance is probed at load (`probe_batch_invariance`): is a
@@ -65,13 +66,15 @@ class _Seq:
 
 def probe_batch_invariance(model: BatchModel, tokens: list[int], steps: int = 8) -> bool:
     """Is a sequence's logits row bit-identical decoded alone and inside a full batch (another slot, the
-    others at other lengths)? Runs on the loading thread before the scheduler starts; leaves every slot free.
+    others at other lengths, one of them feeding a prompt chunk as the scheduler's mixed steps do)? Runs on
+    the loading thread before the scheduler starts; leaves every slot free.
 
     A difference shows only for some inputs (measured on this model's Q4_K_M: the first 2 decode rows
     matched, the 3rd did not), so it decodes `steps` rows; a probe can only find a difference, never
     prove there is none.
     """
-    tokens = tokens[: min(model.max_chunk, model.slot_capacity - steps)]
+    chunk = 4  # the prompt chunk one of the other sequences feeds at each step
+    tokens = tokens[: min(model.max_chunk, model.slot_capacity - steps * chunk)]
     if model.max_seqs < 2 or len(tokens) < 4:
         return True
     feed = [tokens[i % len(tokens)] for i in range(steps)]
@@ -84,7 +87,8 @@ def probe_batch_invariance(model: BatchModel, tokens: list[int], steps: int = 8)
                 model.step([Work(s, tokens[: 1 + (i * 5) % (len(tokens) - 1)]) for i, s in enumerate(others)])
             rows = [model.step([Work(me, tokens)])[0][-1]]
             for t in feed:
-                rows.append(model.step([Work(me, [t])] + [Work(s, [t]) for s in others])[0][-1])
+                work = [Work(me, [t])] + [Work(s, [t] * (chunk if i == 0 else 1)) for i, s in enumerate(others)]
+                rows.append(model.step(work)[0][-1])
             return rows
         finally:
             for s in [*others, me]:
@@ -241,43 +245,69 @@ class BatchingCore:
                                         record=bool(self.observers))
                 seq.ends = chunk_ends(len(seq.req.prompt_ids), model.max_chunk)
                 active.append(seq)
-        # 3. prefill, each prompt alone, at most max_chunk prompt tokens per iteration
+        # 3. prefill, at most max_chunk prompt tokens per iteration. A seeded sequence's prompt runs alone
+        #    (the KV it leaves must not depend on what else shared the forward); the next chunk of every
+        #    other prompt joins the decode forward below. Measured on 8 prompts of ~58 tokens: one forward
+        #    instead of eight was 1.7x faster on the PyTorch engine (bf16) and 1.05-1.17x on llama.cpp
+        #    (Q4_K_M), and a prompt chunk riding with 7 decode rows cost 1.4x less than two forwards (torch).
         budget = model.max_chunk
+        joining: list[_Seq] = []
         for seq in active:
-            while seq.ends and budget > 0 and seq.slot is not None:
-                start, end = len(seq.slot.tokens), seq.ends.pop(0)
-                echo = seq.req.prompt_logprobs is not None
-                budget -= end - start
-                try:
-                    rows = model.step([Work(seq.slot, seq.req.prompt_ids[start:end], all_logits=echo)])[0]
-                    if echo:
-                        seq.prompt_rows.append(log_softmax(rows))
-                    if not seq.ends:
-                        self._prefilled(seq, rows[-1], out)
-                except Exception as exc:  # this sequence fails; the others go on
-                    self._fail([seq], exc, out)
-        # 4. one forward over every decoding sequence (seeded ones alone where batching changes logits)
+            if budget <= 0:
+                break
+            if not seq.ends or seq.slot is None:
+                continue
+            if seq.solo:
+                while seq.ends and budget > 0 and seq.slot is not None:
+                    budget -= self._prefill_alone(seq, out)
+            else:
+                joining.append(seq)
+                budget -= seq.ends[0] - len(seq.slot.tokens)
+        # 4. ONE forward over every decoding sequence and the joining prompt chunks (seeded sequences alone
+        #    where batching changes logits)
         decoding = [s for s in self._running if s.pending is not None and not s.cancelled]
-        if not decoding:
-            return
-        if self.batch_invariant is False:
-            groups = [[s] for s in decoding if s.solo]
-            shared = [s for s in decoding if not s.solo]
-            if shared:
-                groups.insert(0, shared)
-        else:
-            groups = [decoding]
+        shared = joining + [s for s in decoding if not (s.solo and self.batch_invariant is False)]
+        groups = [[s] for s in decoding if s.solo and self.batch_invariant is False]
+        if shared:
+            groups.insert(0, shared)
         for group in groups:
+            work = [self._work(s) for s in group]
             try:
-                rows = model.step([Work(s.slot, [s.pending]) for s in group])  # type: ignore[arg-type,list-item]
+                rows = model.step(work)
             except Exception as exc:  # a failed forward fails the sequences it carried
                 self._fail(group, exc, out)
                 continue
-            for seq, row in zip(group, rows, strict=True):
+            for seq, w, row in zip(group, work, rows, strict=True):
                 try:
-                    self._advance(seq, row[-1], out)
+                    if seq.pending is None:  # a prompt chunk
+                        self._chunk_done(seq, w, row, out)
+                    else:
+                        self._advance(seq, row[-1], out)
                 except Exception as exc:  # e.g. a request's own logits processor: only that sequence fails
                     self._fail([seq], exc, out)
+
+    def _work(self, seq: _Seq) -> Work:
+        """The sequence's part of the next forward: its next prompt chunk, or the token it decodes."""
+        assert seq.slot is not None
+        if seq.pending is not None:
+            return Work(seq.slot, [seq.pending])
+        start, end = len(seq.slot.tokens), seq.ends.pop(0)
+        return Work(seq.slot, seq.req.prompt_ids[start:end], all_logits=seq.req.prompt_logprobs is not None)
+
+    def _chunk_done(self, seq: _Seq, work: Work, rows: np.ndarray, out: list[tuple[_Seq, object]]) -> None:
+        if work.all_logits:
+            seq.prompt_rows.append(log_softmax(rows))
+        if not seq.ends:
+            self._prefilled(seq, rows[-1], out)
+
+    def _prefill_alone(self, seq: _Seq, out: list[tuple[_Seq, object]]) -> int:
+        """Run the sequence's next prompt chunk in a forward of its own; returns its tokens."""
+        work = self._work(seq)
+        try:
+            self._chunk_done(seq, work, self.model.step([work])[0], out)
+        except Exception as exc:  # this sequence fails; the others go on
+            self._fail([seq], exc, out)
+        return len(work.ids)
 
     def _prefilled(self, seq: _Seq, last_row: np.ndarray, out: list[tuple[_Seq, object]]) -> None:
         assert seq.state is not None
