@@ -96,7 +96,8 @@ def resolve(
         inputs = {name: resolve(cache, dep, threads=threads, profile=profile, progress=progress)[0]
                   for name, dep in node.deps.items()}
         log.info("building %s (%s)", node.plan.name if node.plan else "?", node.plan.recipe if node.plan else "")
-        return build(BuildJob(profile=profile, inputs=inputs, out=out, threads=threads, progress=progress))
+        return build(BuildJob(profile=profile, inputs=inputs, out=out, threads=threads, progress=progress,
+                              work_dir=cache.work_dir(node.plan.key) if node.plan else None))
 
     art, hit = node.plan.get_or_build(cache, build_here, on_event)
     return _entry_path(node, art), art, hit

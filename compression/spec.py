@@ -82,10 +82,12 @@ class ProfileSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     method: str = Field(description="hf | int8 | rtn | awq | gptq | prequantized | gguf:f16 | gguf:<quant type> | "
-                                    "gguf:file | any registered method")
+                                    "gguf:file | distill | any registered method")
     base: str | None = None
     engine: Literal["llamacpp", "torch"] | None = None
-    load: Literal["eager", "lazy"] = "eager"
+    load: Literal["eager", "lazy"] = Field(default="eager", description="eager: built and loaded at start; lazy: on "
+                                                                   "first use. Unset: the method's default (lazy "
+                                                                   "for distill, whose build trains a model)")
     path: Path | None = Field(default=None, description="for gguf:file — a GGUF file served as-is")
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     threads: int | None = Field(default=None, ge=1)
@@ -175,6 +177,8 @@ class ProfileSpec(BaseModel):
                                  f"a {prev.handler.output} artifact")
             steps.append(step)
         self._steps = steps
+        if "load" not in self.model_fields_set:
+            self.load = steps[0].handler.default_load
         last = steps[-1].handler
         if self.engine is None:
             self.engine = last.engines[0]  # type: ignore[assignment]

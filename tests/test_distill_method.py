@@ -1,5 +1,5 @@
 """`method: distill` through the method registry: a profile's flat YAML → options, the DAG through the cache,
-`then:` on the student, keys. Needs the capture branch's registry (compression/methods/); skipped without it."""
+`then:` on the student, keys."""
 
 from __future__ import annotations
 
@@ -8,10 +8,7 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("shrinkserve.compression.methods.base")
-
 from shrinkserve.compression.cache import ArtifactCache
-from shrinkserve.compression.distill import method as _registered  # noqa: F401  (registers "distill")
 from shrinkserve.compression.distill.pipeline import HELDOUT_NAME, heldout_examples, write_examples
 from tests.distill_helpers import sampled_examples, save_tiny_teacher
 
@@ -32,7 +29,7 @@ def _profile(data: Path, **extra: object) -> dict:
     return {"method": "distill", "data": {"capture": [str(data)], "heldout_fraction": 0.2},
             "student": {"drop_layers": 2, "calibration_samples": 4},
             "budget": {"steps": 4, "tokens": None, "seconds": None}, "optimizer": {"batch": 8, "lr": 1e-3},
-            "evaluation": {"every": 2, "patience": 0}, "device": "cpu", "load": "lazy", **extra}
+            "evaluation": {"every": 2, "patience": 0}, "device": "cpu", **extra}
 
 
 def _builder(cache: Path, teacher_dir: Path, profiles: dict) -> object:
@@ -57,9 +54,8 @@ def test_distill_profile_builds_a_student_through_the_registry(setup, tmp_path: 
     assert (built.path / HELDOUT_NAME).is_file() and heldout_examples(built.path)
     assert built.manifest["recipe"]["kind"] == "distill" and "device" not in built.manifest["recipe"]
     assert b.status("student")["state"] == "cached" and b.build("student").cache_hit
-    runs = tmp_path / "cache" / "distill-runs"
-    assert not runs.exists() or not any(runs.iterdir()) or all(
-        (tmp_path / "cache" / "artifacts" / r.name).is_dir() for r in runs.iterdir())
+    assert not (tmp_path / "cache" / "work").exists() or not any((tmp_path / "cache" / "work").iterdir())
+    assert b.profiles["student"].load == "lazy"  # the method's default: training is long
 
 
 def test_distill_keys_follow_recipe_data_and_teacher(setup, tmp_path: Path) -> None:
