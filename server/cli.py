@@ -161,11 +161,9 @@ def cmd_capture_stats(args: argparse.Namespace) -> int:
 
     paths = args.paths
     if not paths:
-        # The capture directory of the config (`capture.dir`; `capture.file` for the older JSONL writer).
-        capture = _settings(args).capture
-        where = getattr(capture, "dir", None) or getattr(capture, "file", None)
+        where = _settings(args).capture.dir  # the config's capture directory
         if where is None:
-            raise ValueError("no capture files given, and capture is off in the config")
+            raise ValueError("no capture files given, and capture is off in the config (capture.dir)")
         paths = [where]
     stats = traffic.capture_stats(paths)
     if args.json:
