@@ -19,8 +19,8 @@ Crash safety: a frame is written with one write() on an O_APPEND descriptor, so 
 most one torn frame, at the end of its own segment; a writer never appends to a segment it did not
 create (each process opens a fresh one), and the reader skips a torn or corrupt frame (CRC) and resyncs on
 the next frame magic. Rotation by size, retention by total bytes / number of files, oldest first.
-The older JSONL (one file, written by the server before this format) is read as well (no sampled logprobs where the token fell outside
-its top-k: NaN; `text` kept).
+The older JSONL (one file, the server's capture before this format) is read as well (no sampled logprobs
+where the token fell outside its top-k: NaN; `text` kept).
 """
 
 from __future__ import annotations
@@ -328,8 +328,8 @@ def _try_frame(view: memoryview, pos: int, size: int) -> tuple[tuple[int, int] |
 
 
 def _iter_jsonl(path: Path, report: ReadReport, strict: bool) -> Iterator[CaptureRecord]:
-    """The older JSONL capture (the server wrote it before this format): {time, profile, finish_reason, prompt_ids, completion_ids,
-    text, prompt_chars, teacher_topk: [[[id, logprob], ...] per generated token]}."""
+    """The older JSONL capture (the server's before this format): {time, profile, finish_reason, prompt_ids,
+    completion_ids, text, prompt_chars, teacher_topk: [[[id, logprob], ...] per generated token]}."""
     report.bytes += path.stat().st_size
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
