@@ -163,12 +163,26 @@ class ProfileBuilder:
         return self.plan(name).node.key
 
     # ---------------------------------------------------------------- queries
+    def reference_base(self, name: str, _seen: tuple[str, ...] = ()) -> str:
+        """The base a profile's prose quality is measured against: its own, or for a student distilled from
+        another profile (`teacher_profile`), the base that teacher derives from (whose tokenizer it shares)."""
+        spec = self.profiles[name]
+        teacher = getattr(spec.recipe, "teacher_profile", None)
+        if teacher and teacher in self.profiles and teacher not in _seen:
+            return self.reference_base(teacher, (*_seen, name))
+        return spec.base or next(iter(self.bases))
+
     def reference_checkpoint(self, name: str) -> Path:
-        """The full-precision HF checkpoint of the profile's base: what its quality is measured against."""
-        base = self._base_of(self.profiles[name])
+        """The full-precision HF checkpoint of the profile's reference base: what its quality is measured against."""
+        base = self.source(self.reference_base(name))
         with self._lock:
             return resolve(self.cache, hf_checkpoint_of(base_node(base), base), threads=self.threads, profile=name,
                            progress=self.progress)[0]
+
+    def resolve_node(self, node: Node, profile: str = "") -> Path:
+        """The path consumers load for a planned node (found in the cache, or built with its inputs)."""
+        with self._lock:
+            return resolve(self.cache, node, threads=self.threads, profile=profile, progress=self.progress)[0]
 
     def status(self, name: str) -> ProfileStatus:
         spec = self.profiles[name]

@@ -48,6 +48,18 @@ class QualityGate(BaseModel):
     min_top1_agreement: float | None = Field(default=None, ge=0, le=1)
     min_top1_agreement_hard10: float | None = Field(default=None, ge=0, le=1)
     min_task_score: float | None = Field(default=None, ge=0, le=1)
+    # On the held-out split of the traffic a student was distilled from, against its teacher (method distill,
+    # also through a `then:` chain): what the student was made for.
+    max_traffic_kl: float | None = Field(default=None, ge=0, description="mean KL(teacher ‖ profile) on held-out "
+                                                                         "traffic, nats per token")
+    max_traffic_kl_hard10: float | None = Field(default=None, ge=0)
+    min_traffic_top1: float | None = Field(default=None, ge=0, le=1)
+    min_traffic_top1_hard10: float | None = Field(default=None, ge=0, le=1)
+
+    @property
+    def on_traffic(self) -> list[str]:
+        """The limits set on held-out traffic."""
+        return [f for f in type(self).model_fields if "traffic" in f and getattr(self, f) is not None]
 
 
 @dataclass(frozen=True)
@@ -177,6 +189,9 @@ class ProfileSpec(BaseModel):
                                  f"a {prev.handler.output} artifact")
             steps.append(step)
         self._steps = steps
+        if self.gate is not None and self.gate.on_traffic and not steps[0].handler.heldout_traffic:
+            raise ValueError(f"gate {', '.join(self.gate.on_traffic)}: method {self.method!r} has no held-out "
+                             "traffic to be measured on (only a distilled student has)")
         if "load" not in self.model_fields_set:
             self.load = steps[0].handler.default_load
         last = steps[-1].handler
@@ -201,6 +216,11 @@ class ProfileSpec(BaseModel):
     def pipeline(self) -> str:
         """`rtn`, or `distill+gguf:q8_0` for a chain."""
         return "+".join(s.method for s in self._steps)
+
+    @property
+    def heldout_traffic(self) -> bool:
+        """Whether the profile is measured on held-out traffic too (a distilled student, quantized or not)."""
+        return self._steps[0].handler.heldout_traffic
 
     @property
     def needs_path(self) -> bool:

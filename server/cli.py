@@ -101,7 +101,6 @@ def _evaluation(args: argparse.Namespace, settings: Settings) -> EvaluationSetti
 def cmd_eval(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from shrinkserve.compression.quality import progress_units
     from shrinkserve.server.engines.loader import load_engine
     from shrinkserve.server.quality_runner import Evaluator, gate_failures
     from shrinkserve.server.runtime.registry import process_rss
@@ -122,7 +121,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             engine = load_engine(built, spec, settings.threads)
             resident = max(0, process_rss() - before)
             try:
-                total = progress_units(evalset, len(evalset.token_ids(engine)))
+                total = evaluator.progress_total(name, spec, engine)
                 with tqdm(total=total, desc=f"eval {name}", unit="tok") as bar:
                     record = evaluator.run(name, built, spec, engine, resident_bytes=resident, progress=bar.update)
             finally:
@@ -136,9 +135,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
                   f"x{record['ppl_ratio']:.3f})  KL {record['kl']:.4f} (hardest 10%: {record['kl_hard10']:.4f})  "
                   f"top-1 {record['top1']:.3f} ({record['top1_hard10']:.3f})  tasks {record['task_score']:.3f} "
                   f"(base {record['reference_task_score']:.3f})  {record['decode_tokens_per_s']:.1f} tok/s"
-                  + (f"  GATE FAILED: {'; '.join(failures)}" if failures else ""))
+                  + _traffic_text(record) + (f"  GATE FAILED: {'; '.join(failures)}" if failures else ""))
     evaluator.release()
     return 1 if failed else 0
+
+
+def _traffic_text(record: dict) -> str:
+    t = record.get("traffic")
+    if not t:
+        return ""
+    return (f"\n{'':14s} held-out traffic vs teacher ({t['tokens']} tokens): KL {t['kl']:.4f} (hardest 10%: "
+            f"{t['kl_hard10']:.4f})  top-1 {t['top1']:.3f} ({t['top1_hard10']:.3f})")
 
 
 def cmd_report(args: argparse.Namespace) -> int:

@@ -97,3 +97,66 @@ def test_unknown_or_misplaced_distill_options_are_rejected(setup) -> None:
         ProfileSpec.model_validate(_profile(data, group_size=32))  # a weight-only option means nothing here
     with pytest.raises(ValueError):
         ProfileSpec.model_validate({"method": "rtn", "then": ["distill"]})  # distill is a first step only
+
+
+def test_evaluation_scores_a_student_and_its_quantized_form_on_held_out_traffic(setup, tmp_path: Path) -> None:
+    """The server's and `shrinkserve eval`'s Evaluator: prose against the base, held-out traffic against the
+    teacher, for the student and for `then: int8` of it; traffic gates apply; the report shows both."""
+    import numpy as np
+
+    from shrinkserve.compression.distill.evaluate import TorchLogits, score_on_traffic
+    from shrinkserve.compression.quality import EvalSet
+    from shrinkserve.server import report
+    from shrinkserve.server.engines.loader import load_engine
+    from shrinkserve.server.quality_runner import Evaluator, gate_failures
+    from tests.distill_helpers import VOCAB
+
+    teacher_dir, data = setup
+    gate = {"max_traffic_kl": 1e-6, "min_traffic_top1": 0.0}
+    profiles = {"s": _profile(data, gate=gate, dtype="float32"), "s8": _profile(data, then="int8"),
+                "teacher": {"method": "hf"}}
+    b = _builder(tmp_path / "cache", teacher_dir, profiles)
+    rng = np.random.default_rng(0)
+    tasks = [{"question": "t5 t6", "choices": ["t7", "t8"], "answer": 0}]
+    evalset = EvalSet(" ".join(f"t{i}" for i in rng.integers(3, VOCAB, 200)), tasks, None, 64)
+    evaluator = Evaluator(b, evalset, threads=1)
+    records = {}
+    for name in ("s", "s8", "teacher"):
+        built, spec = b.build(name), b.profiles[name]
+        engine = load_engine(built, spec, 1)
+        try:
+            assert evaluator.stored(built, spec) is None
+            total = evaluator.progress_total(name, spec, engine)
+            ticks: list[int] = []
+            records[name] = evaluator.run(name, built, spec, engine, progress=ticks.append)
+            assert sum(ticks) == total
+            assert evaluator.stored(built, spec) == records[name]
+        finally:
+            engine.close()
+    evaluator.release()
+    s, s8 = records["s"]["traffic"], records["s8"]["traffic"]
+    assert "traffic" not in records["teacher"]
+    assert s["student_key"] == s8["student_key"] == b.key("s") and s["data_sha256"] == s8["data_sha256"]
+    assert s["tokens"] == sum(ex.n_response for ex in heldout_examples(b.build("s").path)) and s["kl"] > 0
+    assert s8["kl"] != s["kl"] and 0 <= s8["top1"] <= 1
+    # the same number as scoring the student (float32 here) directly against the teacher on its held-out split
+    from transformers import AutoModelForCausalLM
+
+    direct = score_on_traffic(TorchLogits(AutoModelForCausalLM.from_pretrained(b.build("s").path)),
+                              heldout_examples(b.build("s").path),
+                              teacher=TorchLogits(AutoModelForCausalLM.from_pretrained(teacher_dir)))
+    assert direct["kl"] == pytest.approx(s["kl"], rel=1e-4) and direct["top1"] == s["top1"]
+    failures = gate_failures(records["s"], b.profiles["s"])
+    assert len(failures) == 1 and "max_traffic_kl" in failures[0]
+    rows = report.collect(b, evalset.sha256)
+    table = report.markdown(rows)
+    assert "traffic KL" in table and "distill+int8" in table and f"{s8['kl']:.4f}" in table
+    assert "FAIL max_traffic_kl" in table
+    assert report.plot(rows, tmp_path / "report.png").stat().st_size > 0
+
+
+def test_traffic_gates_need_a_student() -> None:
+    from shrinkserve.compression.profiles import ProfileSpec
+
+    with pytest.raises(ValueError, match="max_traffic_kl: method 'gguf:q8_0' has no held-out traffic"):
+        ProfileSpec.model_validate({"method": "gguf:q8_0", "gate": {"max_traffic_kl": 0.1}})

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from shrinkserve.compression.distill import pipeline
+from shrinkserve.compression.distill.data import DistillExample
 from shrinkserve.compression.distill.options import NOT_IN_KEY, DistillOptions
 from shrinkserve.compression.methods.base import (
     ArtifactKind,
@@ -30,6 +32,9 @@ from shrinkserve.compression.methods.base import (
     artifact_node,
     register_method,
 )
+
+if TYPE_CHECKING:
+    from shrinkserve.compression.pipeline import ProfileBuilder
 
 
 class DistillMethodOptions(DistillOptions, MethodOptions):
@@ -120,3 +125,26 @@ def find_distill_node(node: Node) -> Node | None:
             return n
         stack.extend(n.deps.values())
     return None
+
+
+@dataclass(frozen=True)
+class HeldoutTraffic:
+    """What a profile derived from a student is measured on against the student's teacher."""
+
+    teacher: Path  # the teacher's HF checkpoint (scored in float32 on the PyTorch engine)
+    teacher_identity: str  # its cache key or content hash
+    student_key: str
+    examples: list[DistillExample]
+
+
+def heldout_traffic(builder: ProfileBuilder, name: str) -> HeldoutTraffic | None:
+    """The held-out split of the traffic the profile's student was distilled from, and that student's teacher;
+    None for a profile without a distill step. Builds nothing that building the profile did not."""
+    node = find_distill_node(builder.plan(name).node)
+    if node is None:
+        return None
+    teacher = node.deps["teacher"]
+    student = builder.resolve_node(node, name)
+    assert node.key is not None
+    return HeldoutTraffic(builder.resolve_node(teacher, name), teacher.identity, node.key,
+                          pipeline.heldout_examples(student))
