@@ -160,3 +160,25 @@ def test_traffic_gates_need_a_student() -> None:
 
     with pytest.raises(ValueError, match="max_traffic_kl: method 'gguf:q8_0' has no held-out traffic"):
         ProfileSpec.model_validate({"method": "gguf:q8_0", "gate": {"max_traffic_kl": 0.1}})
+
+
+def test_the_distill_command_builds_summarizes_and_evaluates(setup, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    import yaml
+
+    teacher_dir, data = setup
+    profile = {k: v for k, v in _profile(data).items() if k != "device"}
+    config = {"bases": {"tiny": {"source": str(teacher_dir)}}, "cache_dir": str(tmp_path / "cache"),
+              "profiles": {"s": profile, "q": {"method": "gguf:q8_0"}}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    cmd = [sys.executable, "-m", "shrinkserve.server.cli", "distill", "--config", str(tmp_path / "config.yaml")]
+    done = subprocess.run([*cmd, "s", "--device", "cpu", "--eval", "--max-tokens", "64", "--tasks", "2"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = done.stdout
+    assert "student: 4 of 6 layers" in out and "trained: " in out and "4 steps" in out and "on cpu" in out
+    assert "held-out traffic vs teacher" in out
+    wrong = subprocess.run([*cmd, "q"], capture_output=True, text=True, timeout=600)
+    assert wrong.returncode == 2 and "is not a distillation" in wrong.stderr
