@@ -106,8 +106,8 @@ def _evaluate(args: argparse.Namespace, settings: Settings, builder: ProfileBuil
     from shrinkserve.server.quality_runner import Evaluator, gate_failures
     from shrinkserve.server.runtime.registry import process_rss
 
-    evalset = _evaluation(args, settings).evalset()
-    evaluator = Evaluator(builder, evalset, settings.threads)
+    evaluation = _evaluation(args, settings)
+    evaluator = Evaluator(builder, evaluation.evalset(), settings.threads, traffic_tokens=evaluation.traffic_tokens)
     failed = 0
     for name in names:
         spec = settings.profiles[name]

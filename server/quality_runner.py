@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import threading
@@ -10,7 +11,7 @@ from typing import Any
 
 from shrinkserve.compression import quality_store
 from shrinkserve.compression.distill.evaluate import score_on_traffic
-from shrinkserve.compression.distill.method import heldout_traffic
+from shrinkserve.compression.distill.method import HeldoutTraffic, heldout_traffic
 from shrinkserve.compression.profiles import BuiltProfile, ProfileBuilder, ProfileSpec
 from shrinkserve.compression.quality import (
     EvalSet,
@@ -37,10 +38,12 @@ class Evaluator:
     A distilled student (and what a `then:` chain made of it) is also scored on the held-out split of its
     own traffic against its teacher (`record["traffic"]`): what it was trained to match."""
 
-    def __init__(self, builder: ProfileBuilder, evalset: EvalSet, threads: int) -> None:
+    def __init__(self, builder: ProfileBuilder, evalset: EvalSet, threads: int, *,
+                 traffic_tokens: int | None = 4096) -> None:
         self.builder = builder
         self.evalset = evalset
         self.threads = threads
+        self.traffic_tokens = traffic_tokens
         self._reference: tuple[Path, Scorer] | None = None
         self._reference_task_score: dict[Path, float] = {}
         self._lock = threading.RLock()  # one evaluation at a time (CPU-bound); guards the reference too
@@ -48,14 +51,28 @@ class Evaluator:
 
     def stored(self, built: BuiltProfile, spec: ProfileSpec) -> dict[str, Any] | None:
         record = quality_store.load(self.builder.cache, built, spec, self.evalset.sha256)
-        if record is not None and spec.heldout_traffic and "traffic" not in record:
-            return None  # measured before students were scored on their traffic: measure again
+        if record is not None and spec.heldout_traffic and (
+                "traffic" not in record or (record["traffic"] or {}).get("max_tokens", -1) != self.traffic_tokens):
+            return None  # not measured on (this much of) its held-out traffic: measure again
         return record
+
+    def _heldout(self, name: str) -> HeldoutTraffic | None:
+        """The profile's held-out traffic, its first examples up to `traffic_tokens` response tokens."""
+        held = heldout_traffic(self.builder, name)
+        if held is None or self.traffic_tokens is None:
+            return held
+        examples, tokens = [], 0
+        for ex in held.examples:
+            if tokens >= self.traffic_tokens:
+                break
+            examples.append(ex)
+            tokens += ex.n_response
+        return dataclasses.replace(held, examples=examples)
 
     def progress_total(self, name: str, spec: ProfileSpec, engine: Engine) -> int:
         """Progress units of `run` for this profile: held-out prose tokens, task items, held-out traffic tokens."""
         total = progress_units(self.evalset, len(self.evalset.token_ids(engine)))
-        held = heldout_traffic(self.builder, name) if spec.heldout_traffic else None
+        held = self._heldout(name) if spec.heldout_traffic else None
         return total + (sum(ex.n_response for ex in held.examples) if held is not None else 0)
 
     def _reference_for(self, name: str) -> tuple[Path, Scorer]:
@@ -114,7 +131,7 @@ class Evaluator:
         traffic it was distilled from; the teacher is the loaded reference when they are the same checkpoint."""
         from shrinkserve.server.engines.torch_engine import TorchEngine
 
-        held = heldout_traffic(self.builder, name)
+        held = self._heldout(name)
         if held is None or not held.examples:
             return None
         shared = self._reference is not None and self._reference[0] == held.teacher
@@ -125,7 +142,8 @@ class Evaluator:
         finally:
             if not shared:
                 teacher.close()
-        return {**score, "teacher_key": held.teacher_identity, "student_key": held.student_key}
+        return {**score, "teacher_key": held.teacher_identity, "student_key": held.student_key,
+                "max_tokens": self.traffic_tokens}
 
     def shutdown(self) -> None:
         """Stop a running evaluation (before the engines it uses are closed) and free the reference."""

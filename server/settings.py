@@ -63,6 +63,10 @@ class EvaluationSettings(BaseModel):
     on_build: bool = True
     max_tokens: int | None = Field(default=None, ge=64, description="held-out tokens used; None = all (~3.5k)")
     tasks: int | None = Field(default=None, ge=1, description="task items used; None = all")
+    # A distilled student is also scored on the held-out split of its traffic, which grows with the capture
+    # it trained on (10% of it by default): its first examples up to this many response tokens are used.
+    traffic_tokens: int | None = Field(default=4096, ge=16, description="held-out traffic tokens scored per "
+                                                                         "student; None = all")
     # Serve profiles that fail their quality gate anyway (they stay marked as failing in /v1/models).
     serve_rejected: bool = False
 

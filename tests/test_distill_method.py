@@ -119,7 +119,7 @@ def test_evaluation_scores_a_student_and_its_quantized_form_on_held_out_traffic(
     rng = np.random.default_rng(0)
     tasks = [{"question": "t5 t6", "choices": ["t7", "t8"], "answer": 0}]
     evalset = EvalSet(" ".join(f"t{i}" for i in rng.integers(3, VOCAB, 200)), tasks, None, 64)
-    evaluator = Evaluator(b, evalset, threads=1)
+    evaluator = Evaluator(b, evalset, threads=1, traffic_tokens=None)  # all of the held-out traffic
     records = {}
     for name in ("s", "s8", "teacher"):
         built, spec = b.build(name), b.profiles[name]
@@ -146,6 +146,19 @@ def test_evaluation_scores_a_student_and_its_quantized_form_on_held_out_traffic(
                               heldout_examples(b.build("s").path),
                               teacher=TorchLogits(AutoModelForCausalLM.from_pretrained(teacher_dir)))
     assert direct["kl"] == pytest.approx(s["kl"], rel=1e-4) and direct["top1"] == s["top1"]
+    # a cap on the held-out traffic scored: the first examples, and a record made under another cap is stale
+    capped = Evaluator(b, evalset, threads=1, traffic_tokens=20)
+    built, spec = b.build("s"), b.profiles["s"]
+    assert capped.stored(built, spec) is None
+    engine = load_engine(built, spec, 1)
+    try:
+        t = capped.run("s", built, spec, engine)["traffic"]
+    finally:
+        engine.close()
+        capped.release()
+    first = heldout_examples(built.path)[: t["examples"]]
+    assert 20 <= t["tokens"] < s["tokens"] and t["tokens"] == sum(ex.n_response for ex in first)
+    assert t["max_tokens"] == 20 and evaluator.stored(built, spec) is None
     failures = gate_failures(records["s"], b.profiles["s"])
     assert len(failures) == 1 and "max_traffic_kl" in failures[0]
     rows = report.collect(b, evalset.sha256)

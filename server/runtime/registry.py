@@ -122,7 +122,8 @@ class Registry:
             metrics.declare(name)
         metrics.core_gauges.source = self.stats
         self.capture = CaptureQueue(settings.capture, settings.profiles)
-        self.evaluator = Evaluator(self.builder, settings.evaluation.evalset(), settings.threads)
+        self.evaluator = Evaluator(self.builder, settings.evaluation.evalset(), settings.threads,
+                                   traffic_tokens=settings.evaluation.traffic_tokens)
         # Loading is measured by RSS deltas, so loads must not overlap.
         self._load_lock = threading.Lock()
         self._closed = False
