@@ -51,10 +51,15 @@ class Evaluator:
 
     def stored(self, built: BuiltProfile, spec: ProfileSpec) -> dict[str, Any] | None:
         record = quality_store.load(self.builder.cache, built, spec, self.evalset.sha256)
-        if record is not None and spec.heldout_traffic and (
-                "traffic" not in record or (record["traffic"] or {}).get("max_tokens", -1) != self.traffic_tokens):
-            return None  # not measured on (this much of) its held-out traffic: measure again
+        if record is not None and spec.heldout_traffic and self._traffic_stale(record):
+            return None
         return record
+
+    def _traffic_stale(self, record: dict[str, Any]) -> bool:
+        """Not measured on (this much of) its held-out traffic: measure again. (None: the split was empty.)"""
+        if "traffic" not in record:
+            return True
+        return record["traffic"] is not None and record["traffic"].get("max_tokens", -1) != self.traffic_tokens
 
     def _heldout(self, name: str) -> HeldoutTraffic | None:
         """The profile's held-out traffic, its first examples up to `traffic_tokens` response tokens."""
