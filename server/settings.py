@@ -179,6 +179,9 @@ class Settings(BaseSettings):
         unknown = [n for n in self.serving.profiles if n not in self.profiles]
         if unknown:
             raise ValueError(f"serving.profiles names unknown profile(s): {', '.join(unknown)}")
+        unknown = [n for n in self.capture.profiles if n not in self.profiles]
+        if unknown:
+            raise ValueError(f"capture.profiles names unknown profile(s): {', '.join(unknown)}")
         return self
 
     def serving_for(self, name: str) -> ResolvedServing:
