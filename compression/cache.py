@@ -4,6 +4,9 @@ Layout under ``root``::
 
     artifacts/<key>/   finished artifacts: the files written by the build + manifest.json
     tmp/               build scratch and directories being deleted
+    work/<key>/        a build's own state that must outlive a killed build (a student's training
+                       checkpoints: the next build of the key resumes from them); removed once the
+                       artifact exists
     locks/<key>.lock   per-key file locks (never deleted: removing a lock file others may hold is racy)
     corrupt/<key>.*    one marker per damaged artifact discarded and not yet reported (see below)
 
@@ -213,6 +216,18 @@ class ArtifactCache:
         self._locks_guard = threading.Lock()
         if clean_stale_tmp:
             self.clean_tmp()
+
+    def work_dir(self, key: str) -> Path:
+        """A stable per-key directory for state a build wants to find again after a crash (not created here).
+
+        Only the holder of the key's lock (a running build) uses it; it goes once the artifact exists.
+        """
+        return self.root / "work" / self._check_key(key)
+
+    def _drop_work_dir(self, key: str) -> None:
+        work = self.root / "work" / key
+        if work.exists():
+            shutil.rmtree(work, ignore_errors=True)
 
     # -- locking ---------------------------------------------------------------------------------
 
@@ -487,6 +502,7 @@ class ArtifactCache:
             with _ACTIVE_BUILDS_LOCK:
                 _ACTIVE_BUILDS.discard(str(work))
         _fsync_path(self.artifacts_dir, directory=True)
+        self._drop_work_dir(key)  # the artifact is in place: what the build kept for a resume is done with
         logger.info("built artifact %s (%s): %d files, %d bytes", key, name, len(files), manifest["bytes"])
         return Artifact(key=key, path=final, manifest=manifest)
 
@@ -548,6 +564,11 @@ class ArtifactCache:
         """
         removed = 0
         now = time.time()
+        work_root = self.root / "work"
+        if work_root.is_dir():  # a build killed between its artifact's rename and the work dir's removal
+            for work in list(work_root.iterdir()):
+                if (self.artifacts_dir / work.name).is_dir():
+                    shutil.rmtree(work, ignore_errors=True)
         try:
             entries = list(self.tmp_dir.iterdir())
         except FileNotFoundError:

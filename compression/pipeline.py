@@ -96,7 +96,8 @@ def resolve(
         inputs = {name: resolve(cache, dep, threads=threads, profile=profile, progress=progress)[0]
                   for name, dep in node.deps.items()}
         log.info("building %s (%s)", node.plan.name if node.plan else "?", node.plan.recipe if node.plan else "")
-        return build(BuildJob(profile=profile, inputs=inputs, out=out, threads=threads, progress=progress))
+        return build(BuildJob(profile=profile, inputs=inputs, out=out, threads=threads, progress=progress,
+                              work_dir=cache.work_dir(node.plan.key) if node.plan else None))
 
     art, hit = node.plan.get_or_build(cache, build_here, on_event)
     return _entry_path(node, art), art, hit
@@ -162,12 +163,26 @@ class ProfileBuilder:
         return self.plan(name).node.key
 
     # ---------------------------------------------------------------- queries
+    def reference_base(self, name: str, _seen: tuple[str, ...] = ()) -> str:
+        """The base a profile's prose quality is measured against: its own, or for a student distilled from
+        another profile (`teacher_profile`), the base that teacher derives from (whose tokenizer it shares)."""
+        spec = self.profiles[name]
+        teacher = getattr(spec.recipe, "teacher_profile", None)
+        if teacher and teacher in self.profiles and teacher not in _seen:
+            return self.reference_base(teacher, (*_seen, name))
+        return spec.base or next(iter(self.bases))
+
     def reference_checkpoint(self, name: str) -> Path:
-        """The full-precision HF checkpoint of the profile's base: what its quality is measured against."""
-        base = self._base_of(self.profiles[name])
+        """The full-precision HF checkpoint of the profile's reference base: what its quality is measured against."""
+        base = self.source(self.reference_base(name))
         with self._lock:
             return resolve(self.cache, hf_checkpoint_of(base_node(base), base), threads=self.threads, profile=name,
                            progress=self.progress)[0]
+
+    def resolve_node(self, node: Node, profile: str = "") -> Path:
+        """The path consumers load for a planned node (found in the cache, or built with its inputs)."""
+        with self._lock:
+            return resolve(self.cache, node, threads=self.threads, profile=profile, progress=self.progress)[0]
 
     def status(self, name: str) -> ProfileStatus:
         spec = self.profiles[name]

@@ -208,6 +208,20 @@ def iter_gate_failures(record: dict[str, Any], gate: Any) -> Iterator[str]:
         ("min_top1_agreement_hard10", record["top1_hard10"], "top-1 agreement on the hardest 10%", True),
         ("min_task_score", record["task_score"], "task score", True),
     ]
+    traffic = record.get("traffic")
+    traffic_checks = [
+        ("max_traffic_kl", "kl", "KL divergence on held-out traffic", False),
+        ("max_traffic_kl_hard10", "kl_hard10", "KL divergence on the hardest 10% of held-out traffic", False),
+        ("min_traffic_top1", "top1", "top-1 agreement on held-out traffic", True),
+        ("min_traffic_top1_hard10", "top1_hard10", "top-1 agreement on the hardest 10% of held-out traffic", True),
+    ]
+    for field, key, what, is_min in traffic_checks:
+        if getattr(gate, field, None) is None:
+            continue
+        if traffic is None:
+            yield f"{what} was not measured ({field}): the record has no held-out traffic score"
+            continue
+        checks.append((field, traffic[key], what, is_min))
     for field, value, what, is_min in checks:
         limit = getattr(gate, field, None)
         if limit is None:

@@ -48,6 +48,18 @@ class QualityGate(BaseModel):
     min_top1_agreement: float | None = Field(default=None, ge=0, le=1)
     min_top1_agreement_hard10: float | None = Field(default=None, ge=0, le=1)
     min_task_score: float | None = Field(default=None, ge=0, le=1)
+    # On the held-out split of the traffic a student was distilled from, against its teacher (method distill,
+    # also through a `then:` chain): what the student was made for.
+    max_traffic_kl: float | None = Field(default=None, ge=0, description="mean KL(teacher ‖ profile) on held-out "
+                                                                         "traffic, nats per token")
+    max_traffic_kl_hard10: float | None = Field(default=None, ge=0)
+    min_traffic_top1: float | None = Field(default=None, ge=0, le=1)
+    min_traffic_top1_hard10: float | None = Field(default=None, ge=0, le=1)
+
+    @property
+    def on_traffic(self) -> list[str]:
+        """The limits set on held-out traffic."""
+        return [f for f in type(self).model_fields if "traffic" in f and getattr(self, f) is not None]
 
 
 @dataclass(frozen=True)
@@ -82,10 +94,12 @@ class ProfileSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     method: str = Field(description="hf | int8 | rtn | awq | gptq | prequantized | gguf:f16 | gguf:<quant type> | "
-                                    "gguf:file | any registered method")
+                                    "gguf:file | distill | any registered method")
     base: str | None = None
     engine: Literal["llamacpp", "torch"] | None = None
-    load: Literal["eager", "lazy"] = "eager"
+    load: Literal["eager", "lazy"] = Field(default="eager", description="eager: built and loaded at start; lazy: on "
+                                                                   "first use. Unset: the method's default (lazy "
+                                                                   "for distill, whose build trains a model)")
     path: Path | None = Field(default=None, description="for gguf:file — a GGUF file served as-is")
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     threads: int | None = Field(default=None, ge=1)
@@ -175,6 +189,11 @@ class ProfileSpec(BaseModel):
                                  f"a {prev.handler.output} artifact")
             steps.append(step)
         self._steps = steps
+        if self.gate is not None and self.gate.on_traffic and not steps[0].handler.heldout_traffic:
+            raise ValueError(f"gate {', '.join(self.gate.on_traffic)}: method {self.method!r} has no held-out "
+                             "traffic to be measured on (only a distilled student has)")
+        if "load" not in self.model_fields_set:
+            self.load = steps[0].handler.default_load
         last = steps[-1].handler
         if self.engine is None:
             self.engine = last.engines[0]  # type: ignore[assignment]
@@ -197,6 +216,11 @@ class ProfileSpec(BaseModel):
     def pipeline(self) -> str:
         """`rtn`, or `distill+gguf:q8_0` for a chain."""
         return "+".join(s.method for s in self._steps)
+
+    @property
+    def heldout_traffic(self) -> bool:
+        """Whether the profile is measured on held-out traffic too (a distilled student, quantized or not)."""
+        return self._steps[0].handler.heldout_traffic
 
     @property
     def needs_path(self) -> bool:

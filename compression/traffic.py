@@ -19,8 +19,8 @@ Crash safety: a frame is written with one write() on an O_APPEND descriptor, so 
 most one torn frame, at the end of its own segment; a writer never appends to a segment it did not
 create (each process opens a fresh one), and the reader skips a torn or corrupt frame (CRC) and resyncs on
 the next frame magic. Rotation by size, retention by total bytes / number of files, oldest first.
-The older JSONL of server/traffic_log.py is read as well (no sampled logprobs where the token fell outside
-its top-k: NaN; `text` kept).
+The older JSONL (one file, the server's capture before this format) is read as well (no sampled logprobs
+where the token fell outside its top-k: NaN; `text` kept).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 log = logging.getLogger("shrinkserve.traffic")
 
@@ -328,8 +328,8 @@ def _try_frame(view: memoryview, pos: int, size: int) -> tuple[tuple[int, int] |
 
 
 def _iter_jsonl(path: Path, report: ReadReport, strict: bool) -> Iterator[CaptureRecord]:
-    """The older JSONL of server/traffic_log.py: {time, profile, finish_reason, prompt_ids, completion_ids,
-    text, prompt_chars, teacher_topk: [[[id, logprob], ...] per generated token]}."""
+    """The older JSONL capture (the server's before this format): {time, profile, finish_reason, prompt_ids,
+    completion_ids, text, prompt_chars, teacher_topk: [[[id, logprob], ...] per generated token]}."""
     report.bytes += path.stat().st_size
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -411,6 +411,14 @@ class CaptureSettings(BaseModel):
     retain_files: int | None = Field(default=None, ge=1, description="most segments kept; None = no limit")
     fsync: bool = Field(default=False, description="fsync after every record (survives power loss, not only "
                                                    "a crash; costs one disk flush per generation)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_jsonl_file(cls, data: Any) -> Any:
+        if isinstance(data, Mapping) and "file" in data:
+            raise ValueError("capture.file (one JSONL file) was replaced by capture.dir (a directory of capture "
+                             "segments); existing JSONL captures are still read by every reader")
+        return data
 
 
 class CaptureWriter:

@@ -1,26 +1,24 @@
 #!/usr/bin/env python
 """Evidence for issue 10: distilled students of the default model against the teacher and its quants.
 
-For one narrow task (the shipped word-forms prompt set: plurals, antonyms, ...; ISO-8601 date conversion
-from templates where the set is not installed) and for general chat prompts, the teacher (SmolLM2-135M-
-Instruct, float32 HF checkpoint of the embedded GGUF) answers the prompts with recorded distributions; a
-student = teacher minus its `--drop-layers` lowest-Block-Influence layers is then
+For one narrow task (the shipped word-forms prompt set: plurals, antonyms, ...) and for general chat prompts
+(the shipped general set), the teacher (SmolLM2-135M-Instruct, float32 HF checkpoint of the embedded GGUF)
+answers the prompts with recorded distributions; a student = teacher minus its `--drop-layers`
+lowest-Block-Influence layers is then
   (a) left untrained (the pruned init),
   (b) trained on the teacher's sampled text with hard labels (SFT / behaviour cloning),
   (c) trained by KD on the teacher's full-vocabulary distributions (teacher in-process),
   (d) trained by KD from the records' top-20 + tail bucket only,
   (e) (c) then exported to GGUF and quantized to Q8_0 / Q4_K_M,
-all with the same token budget, through the product path (compression/distill/pipeline.py and the artifact
-cache). Every model is scored against the teacher — KL(teacher ‖ model), top-1 agreement, and both on the
-hardest 10% positions — on held-out traffic of the task (prompts never trained on), of general chat, and on
-the held-out prose `shrinkserve eval` uses; plus single-stream decode tok/s and bytes on disk, beside the
+all with the same token budget, through the product path: `method: distill` profiles (with `then: gguf:q8_0`
+/ `gguf:q4_k_m` for (e)) built by the ProfileBuilder through the artifact cache, as `shrinkserve distill`
+builds them. Every model is scored against the teacher — KL(teacher ‖ model), top-1 agreement, and both on
+the hardest 10% positions — on held-out traffic of the task (prompts never trained on), of general chat, and
+on the held-out prose `shrinkserve eval` uses; plus single-stream decode tok/s and bytes on disk, beside the
 teacher's own Q8_0 / Q4_K_M. Prints a markdown table, writes results.json and a plot.
 
     ./.venv/bin/python scripts/bench_distill.py --quick          # smoke run, a few minutes
     ./.venv/bin/python scripts/bench_distill.py                  # the evidence run (~30 min on a quiet 2-core box)
-
-Without compression/gguf_export.py (the capture branch's HF → GGUF exporter) the (e) rows are reported as
-TODO and skipped.
 """
 
 from __future__ import annotations
@@ -38,59 +36,24 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from shrinkserve.compression import data_file
-from shrinkserve.compression.base_model import BaseSource, hf_checkpoint, plan_hf_checkpoint
 from shrinkserve.compression.cache import ArtifactCache
 from shrinkserve.compression.distill import pipeline
 from shrinkserve.compression.distill.evaluate import prose_examples, score_candidates
-from shrinkserve.compression.distill.options import DistillOptions
 
 log = logging.getLogger("bench_distill")
 
 # -------------------------------------------------------------------------------------------- prompts
-# The shipped prompt sets (compression/data/prompts/, see compression/synthetic.py); where they are absent,
-# a narrow task (ISO dates) and a general set come from the templates below.
-SHIPPED = {"task": ("prompts/word_forms.train.jsonl", "prompts/word_forms.heldout.jsonl"),
-           "general": ("prompts/general.jsonl",)}
-
-ISO_SYSTEM = ("Convert the date the user gives to ISO 8601. Reply with the date only: YYYY-MM-DD, or "
-              "YYYY-MM-DDTHH:MM when a time of day is given.")
-MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
-          "November", "December"]
-TOPICS = ["photosynthesis", "the water cycle", "compound interest", "how vaccines work", "black holes",
-          "the French Revolution", "machine learning", "plate tectonics", "the immune system", "inflation",
-          "how a bicycle stays upright", "the internet", "volcanoes", "sleep", "recycling", "the moon's phases",
-          "democracy", "electric cars", "coffee", "the Roman Empire", "honey bees", "rainbows", "gravity",
-          "the stock market", "meditation", "dinosaurs", "solar panels", "the printing press", "tides", "jazz"]
-TEMPLATES = ["Explain {} in simple terms.", "Write three short facts about {}.", "Why does {} matter?",
-             "Give a one-paragraph summary of {}.", "What is a common misconception about {}?",
-             "Write a short poem about {}.", "How would you teach a child about {}?"]
-
-
-def _date_prompt(i: int) -> dict[str, str]:
-    import random
-
-    r = random.Random(i)
-    y, m, d = r.randint(1950, 2030), r.randint(1, 12), r.randint(1, 28)
-    style = r.randint(0, 4)
-    month = MONTHS[m - 1]
-    text = [f"{d} {month} {y}", f"{month[:3]} {d} {y}", f"{m:02d}/{d:02d}/{y} (US format, month first)",
-            f"{d}th {month} {y}", f"{d} {month} {y}, {r.randint(0, 23):02d}:{r.choice([0, 15, 30, 45]):02d}"][style]
-    return {"prompt": f"Convert to ISO 8601: {text}", "system": ISO_SYSTEM}
+# The shipped prompt sets (compression/data/prompts/, see compression/synthetic.py): one narrow task family
+# (train + held-out files, whole prompts split again by the distillation's held-out fraction) and general chat.
+SHIPPED = {"task": ("word_forms.train", "word_forms.heldout"), "general": ("general",)}
 
 
 def prompt_rows(kind: str, n: int) -> list[dict[str, str]]:
-    try:
-        files = [data_file(p) for p in SHIPPED[kind]]
-        if all(f.is_file() for f in files):
-            rows = [json.loads(line) for f in files for line in f.read_text().splitlines() if line.strip()]
-            rows = [{k: r[k] for k in ("prompt", "system", "messages") if k in r} for r in rows]
-            return rows[:n]
-    except (OSError, ValueError):
-        pass
-    if kind == "task":
-        return [_date_prompt(i) for i in range(n)]
-    return [{"prompt": t.format(topic)} for t in TEMPLATES for topic in TOPICS][:n]
+    from shrinkserve.compression.synthetic import prompt_file
+
+    rows = [json.loads(line) for name in SHIPPED[kind] for line in prompt_file(name).read_text().splitlines()
+            if line.strip()]
+    return [{k: r[k] for k in ("prompt", "system", "messages") if k in r} for r in rows][:n]
 
 
 # -------------------------------------------------------------------------------------------- engines
@@ -124,33 +87,6 @@ def file_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.glob("*.safetensors"))
 
 
-def teacher_gguf(cache: ArtifactCache, quant: str, threads: int) -> Path:
-    from shrinkserve.compression.profiles import BaseSpec, ProfileBuilder, ProfileSpec
-
-    builder = ProfileBuilder(cache, {"default": BaseSpec()}, {quant: ProfileSpec(method=f"gguf:{quant}")},
-                             threads=threads)
-    return builder.build(quant).path
-
-
-def student_gguf(student_dir: Path, out_dir: Path, quant: str, threads: int) -> Path | None:
-    """(e): the student through the HF → GGUF exporter, then llama.cpp's quantizer. None when the exporter
-    (compression/gguf_export.py, capture branch) is not there yet."""
-    try:
-        from shrinkserve.compression.gguf_export import export_hf_to_gguf  # type: ignore[import-not-found]
-    except ImportError:
-        return None
-    from shrinkserve.compression.gguf import quantize_gguf
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    f16 = out_dir / "model-f16.gguf"
-    if not f16.is_file():
-        export_hf_to_gguf(student_dir, f16)
-    out = out_dir / f"model-{quant}.gguf"
-    if not out.is_file():
-        quantize_gguf(f16, out, quant, threads=threads)
-    return out
-
-
 # -------------------------------------------------------------------------------------------- the run
 
 
@@ -160,8 +96,10 @@ def write_prompts(path: Path, rows: list[dict[str, str]]) -> Path:
     return path
 
 
-def options(prompts: Path, loss: str, a: argparse.Namespace) -> DistillOptions:
-    return DistillOptions.model_validate({
+def student_profile(prompts: Path, loss: str, a: argparse.Namespace, then: str | None = None) -> dict[str, Any]:
+    """A `method: distill` profile as a user's YAML would write it."""
+    profile = {
+        "method": "distill",
         "data": {"synthetic": {"prompts": str(prompts), "max_tokens": a.max_new_tokens, "top_k": 20,
                                "temperature": 0.8, "top_p": 0.95}, "heldout_fraction": a.heldout_fraction},
         "student": {"drop_layers": a.drop_layers, "calibration_samples": a.calibration_samples},
@@ -170,62 +108,71 @@ def options(prompts: Path, loss: str, a: argparse.Namespace) -> DistillOptions:
         "optimizer": {"lr": a.lr, "batch": a.batch, "accum": 1, "warmup_steps": a.warmup},
         "evaluation": {"every": a.eval_every, "examples": a.eval_examples, "patience": a.patience},
         "checkpoint_every": a.checkpoint_every, "device": a.device, "seed": 0,
-    })
+    }
+    return {**profile, "then": then} if then else profile
+
+
+QUANTS = ("q8_0", "q4_k_m")
+LABELS = {"ce": "(b) SFT on teacher text", "kd": "(c) KD full vocab", "topk": "(d) KD top-20+tail"}
 
 
 def run(a: argparse.Namespace) -> dict[str, Any]:
     import torch
 
+    from shrinkserve.compression.profiles import BaseSpec, ProfileBuilder, ProfileSpec
+
     torch.set_num_threads(a.threads)
     cache = ArtifactCache(Path(a.cache_dir).expanduser())
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    base = BaseSource.resolve("default", "embedded")
-    teacher_dir, _, _ = hf_checkpoint(cache, base)
-    teacher_key = plan_hf_checkpoint(base).key
-    started = time.perf_counter()
-
-    students: dict[str, dict[str, Any]] = {}  # row name -> {path, kind, set, tokens, ...}
-    heldout: dict[str, list] = {}
+    profiles: dict[str, dict[str, Any]] = {"teacher": {"method": "hf", "dtype": "float32"},
+                                           **{f"teacher-{q}": {"method": f"gguf:{q}"} for q in QUANTS}}
     for kind, n in (("task", a.task_prompts), ("general", a.general_prompts)):
         prompts = write_prompts(out / f"prompts-{kind}.jsonl", prompt_rows(kind, n))
         for loss in ("ce", "kd", "topk"):
-            opts = options(prompts, loss, a)
+            profiles[f"{kind}-{loss}"] = student_profile(prompts, loss, a)
+        for q in QUANTS:
+            profiles[f"{kind}-kd-{q}"] = student_profile(prompts, "kd", a, then=f"gguf:{q}")
+    builder = ProfileBuilder(cache, {"smollm2": BaseSpec()},
+                             {name: ProfileSpec.model_validate(p) for name, p in profiles.items()}, threads=a.threads)
+    started = time.perf_counter()
+
+    def built_row(name: str, **row: Any) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        built = builder.build(name)
+        return {**row, "path": built.path, "cache_hit": built.cache_hit,
+                "build_seconds": round(time.perf_counter() - t0, 1)}
+
+    rows: dict[str, dict[str, Any]] = {
+        "teacher": built_row("teacher", set="-", label="teacher (f32, torch)", kind="torch", tokens=0)}
+    teacher_dir = rows["teacher"]["path"]
+    for q in QUANTS:
+        rows[f"teacher+{q}"] = built_row(f"teacher-{q}", set="-", label=f"teacher {q.upper()} (llama.cpp)",
+                                         kind="llamacpp", tokens=0)
+    heldout: dict[str, list] = {}
+    for kind in ("task", "general"):
+        for loss in ("kd", "ce", "topk"):
             log.info("[%s] student by %s (%s tokens budget)", kind, loss, a.tokens)
-            t0 = time.perf_counter()
-            art, hit = pipeline.build_student(cache, opts, teacher_dir, teacher_key=teacher_key,
-                                              teacher_name=f"smollm2-{kind}", threads=a.threads)
-            extra = art.manifest["extra"]
-            label = {"ce": "(b) SFT on teacher text", "kd": "(c) KD full vocab", "topk": "(d) KD top-20+tail"}[loss]
-            students[f"{kind}:{loss}"] = {"set": kind, "label": label, "path": art.path, "kind": "torch",
-                                          "tokens": extra["tokens_trained"], "seconds": extra["train_seconds"],
-                                          "cache_hit": hit, "build_seconds": round(time.perf_counter() - t0, 1),
-                                          "stop": extra["stop_reason"]}
-            held = pipeline.heldout_examples(art.path)
+            row = built_row(f"{kind}-{loss}", set=kind, label=LABELS[loss], kind="torch")
+            extra = (cache.manifest(builder.key(f"{kind}-{loss}") or "") or {})["extra"]
+            row.update(tokens=extra["tokens_trained"], seconds=extra["train_seconds"], stop=extra["stop_reason"])
+            rows[f"{kind}:{loss}"] = row
+            held = pipeline.heldout_examples(row["path"])
             assert kind not in heldout or pipeline.examples_digest(heldout[kind]) == pipeline.examples_digest(held)
             heldout[kind] = held
-            if loss == "kd":
-                init_plan = pipeline.plan(opts, teacher_key, f"smollm2-{kind}")[1]
-                init = cache.lookup(init_plan.key)
-                assert init is not None
-                students[f"{kind}:init"] = {"set": kind, "label": "(a) pruned, untrained", "path": init.path,
-                                            "kind": "torch", "tokens": 0, "prune": init.manifest["extra"]["prune"]}
-                for quant in ("q8_0", "q4_k_m"):
-                    gguf = student_gguf(art.path, out / f"student-{kind}-kd", quant, a.threads)
-                    students[f"{kind}:kd+{quant}"] = {
-                        "set": kind, "label": f"(e) KD + {quant.upper()}", "path": gguf, "kind": "llamacpp",
-                        "tokens": extra["tokens_trained"], "todo": gguf is None}
+            if loss != "kd":
+                continue
+            init = cache.lookup(builder.plan(f"{kind}-kd").node.deps["student_init"].key or "")
+            assert init is not None
+            rows[f"{kind}:init"] = {"set": kind, "label": "(a) pruned, untrained", "path": init.path, "kind": "torch",
+                                    "tokens": 0, "prune": init.manifest["extra"]["prune"]}
+            for q in QUANTS:
+                rows[f"{kind}:kd+{q}"] = built_row(f"{kind}-kd-{q}", set=kind, label=f"(e) KD + {q.upper()}",
+                                                   kind="llamacpp", tokens=extra["tokens_trained"])
     data_seconds = time.perf_counter() - started
-
-    rows: dict[str, dict[str, Any]] = {"teacher": {"set": "-", "label": "teacher (f32, torch)", "path": teacher_dir,
-                                                   "kind": "torch", "tokens": 0}}
-    for quant in ("q8_0", "q4_k_m"):
-        rows[f"teacher+{quant}"] = {"set": "-", "label": f"teacher {quant.upper()} (llama.cpp)",
-                                    "path": teacher_gguf(cache, quant, a.threads), "kind": "llamacpp", "tokens": 0}
     order = ["init", "ce", "kd", "topk", "kd+q8_0", "kd+q4_k_m"]
-    for kind in ("task", "general"):
-        for v in order:
-            rows[f"{kind}:{v}"] = students[f"{kind}:{v}"]
+    rows = {k: rows[k] for k in ["teacher", *(f"teacher+{q}" for q in QUANTS),
+                                 *(f"{kind}:{v}" for kind in ("task", "general") for v in order)]}
 
     # -- quality: every model against the teacher, on each held-out set, the teacher read once per example
     teacher_engine = torch_engine(teacher_dir, a.threads, "float32")
@@ -236,8 +183,6 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
             "prose": prose_examples(prose_ids)}
     engines: dict[str, Any] = {}
     for name, row in rows.items():
-        if row.get("todo"):
-            continue
         engines[name] = (torch_engine(row["path"], a.threads, "float32") if row["kind"] == "torch"
                          else llamacpp_engine(row["path"], a.threads))
         row["bytes"] = file_bytes(row["path"])
@@ -282,10 +227,6 @@ def markdown(res: dict[str, Any]) -> str:
             "MB on disk | × teacher |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows.values():
-        if r.get("todo"):
-            lines.append(f"| {r['set']} | {r['label']} | {r['tokens']} | TODO: needs compression/gguf_export.py "
-                         "(capture branch) | | | | | | | | | | | | |")
-            continue
         speed = r.get("tok_s")
         lines.append(
             f"| {r['set']} | {r['label']} | {r['tokens']} | {_fmt(r, 'task', 'kl')} | {_fmt(r, 'task', 'top1')} | "
@@ -309,7 +250,7 @@ def plot(res: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    rows = [(k, r) for k, r in res["rows"].items() if not r.get("todo") and k != "teacher"]
+    rows = [(k, r) for k, r in res["rows"].items() if k != "teacher"]
     names = [f"{r['set']}: {r['label']}" if r["set"] != "-" else r["label"] for _, r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(15, 0.45 * len(rows) + 2), sharey=True)
     y = np.arange(len(rows))

@@ -1,4 +1,4 @@
-"""`shrinkserve` command line: serve, compress, profiles, eval, report, capture, bench."""
+"""`shrinkserve` command line: serve, compress, distill, profiles, eval, report, capture, bench."""
 
 from __future__ import annotations
 
@@ -98,20 +98,16 @@ def _evaluation(args: argparse.Namespace, settings: Settings) -> EvaluationSetti
     return settings.evaluation.model_copy(update=overrides)
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
+def _evaluate(args: argparse.Namespace, settings: Settings, builder: ProfileBuilder, names: list[str]) -> int:
+    """Measure each profile (unless a record exists and not --force), print its record; 1 if a gate failed."""
     from tqdm import tqdm
 
-    from shrinkserve.compression.quality import progress_units
     from shrinkserve.server.engines.loader import load_engine
     from shrinkserve.server.quality_runner import Evaluator, gate_failures
     from shrinkserve.server.runtime.registry import process_rss
 
-    settings = _settings(args)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    names = _selected_profiles(args, settings)
-    builder = _builder(settings)
-    evalset = _evaluation(args, settings).evalset()
-    evaluator = Evaluator(builder, evalset, settings.threads)
+    evaluation = _evaluation(args, settings)
+    evaluator = Evaluator(builder, evaluation.evalset(), settings.threads, traffic_tokens=evaluation.traffic_tokens)
     failed = 0
     for name in names:
         spec = settings.profiles[name]
@@ -122,7 +118,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             engine = load_engine(built, spec, settings.threads)
             resident = max(0, process_rss() - before)
             try:
-                total = progress_units(evalset, len(evalset.token_ids(engine)))
+                total = evaluator.progress_total(name, spec, engine)
                 with tqdm(total=total, desc=f"eval {name}", unit="tok") as bar:
                     record = evaluator.run(name, built, spec, engine, resident_bytes=resident, progress=bar.update)
             finally:
@@ -136,9 +132,56 @@ def cmd_eval(args: argparse.Namespace) -> int:
                   f"x{record['ppl_ratio']:.3f})  KL {record['kl']:.4f} (hardest 10%: {record['kl_hard10']:.4f})  "
                   f"top-1 {record['top1']:.3f} ({record['top1_hard10']:.3f})  tasks {record['task_score']:.3f} "
                   f"(base {record['reference_task_score']:.3f})  {record['decode_tokens_per_s']:.1f} tok/s"
-                  + (f"  GATE FAILED: {'; '.join(failures)}" if failures else ""))
+                  + _traffic_text(record) + (f"  GATE FAILED: {'; '.join(failures)}" if failures else ""))
     evaluator.release()
     return 1 if failed else 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    return _evaluate(args, settings, _builder(settings), _selected_profiles(args, settings))
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    """Build a distillation profile (teacher data → pruned init → training → `then:` steps) with progress, then
+    print what was trained; `--eval` measures it against its base and, on held-out traffic, its teacher."""
+    from shrinkserve.compression.distill.method import find_distill_node
+    from shrinkserve.compression.distill.pipeline import summary
+    from shrinkserve.compression.spec import ProfileSpec
+
+    overrides = {"threads": args.threads} if args.threads else {}
+    settings = _settings(args, **overrides)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    name = args.profile
+    _selected_profiles(argparse.Namespace(all=False, profile=[name]), settings)
+    spec = settings.profiles[name]
+    if not spec.heldout_traffic:
+        raise ValueError(f"profile {name!r} is not a distillation (method {spec.pipeline!r}); "
+                         "use `shrinkserve compress` to build it")
+    if args.device:  # how it trains, not what: the same cache key
+        data = spec.model_dump(exclude_unset=True)
+        data["options"] = {**data.get("options", {}), "device": args.device}
+        settings.profiles[name] = spec = ProfileSpec.model_validate(data)
+    builder = _builder(settings)
+    built = builder.build(name)
+    print(f"{name}: {built.method}, {built.bytes / 2**20:.1f} MiB, "
+          f"{'cache hit' if built.cache_hit else f'built in {built.build_seconds:.0f}s'}  {built.path}")
+    node = find_distill_node(builder.plan(name).node)
+    assert node is not None and node.key is not None
+    student = builder.cache.manifest(node.key) or {}
+    print(summary(student.get("extra") or {}))
+    if args.eval:
+        return _evaluate(args, settings, builder, [name])
+    return 0
+
+
+def _traffic_text(record: dict) -> str:
+    t = record.get("traffic")
+    if not t:
+        return ""
+    return (f"\n{'':14s} held-out traffic vs teacher ({t['tokens']} tokens): KL {t['kl']:.4f} (hardest 10%: "
+            f"{t['kl_hard10']:.4f})  top-1 {t['top1']:.3f} ({t['top1_hard10']:.3f})")
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -161,11 +204,9 @@ def cmd_capture_stats(args: argparse.Namespace) -> int:
 
     paths = args.paths
     if not paths:
-        # The capture directory of the config (`capture.dir`; `capture.file` for the older JSONL writer).
-        capture = _settings(args).capture
-        where = getattr(capture, "dir", None) or getattr(capture, "file", None)
+        where = _settings(args).capture.dir  # the config's capture directory
         if where is None:
-            raise ValueError("no capture files given, and capture is off in the config")
+            raise ValueError("no capture files given, and capture is off in the config (capture.dir)")
         paths = [where]
     stats = traffic.capture_stats(paths)
     if args.json:
@@ -230,14 +271,26 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--all", action="store_true", help="build every profile")
     compress.set_defaults(func=cmd_compress)
 
-    profiles = with_config(sub.add_parser("profiles", help="list profiles with cache state and sizes"))
-    profiles.add_argument("--json", action="store_true")
-    profiles.set_defaults(func=cmd_profiles)
-
     def with_evalset(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         p.add_argument("--max-tokens", type=int, help="held-out tokens to use (default: evaluation.max_tokens)")
         p.add_argument("--tasks", type=int, help="task items to use (default: evaluation.tasks)")
         return p
+
+    distill = with_evalset(with_config(sub.add_parser(
+        "distill", help="build a distilled student (method: distill) and show how its training went")))
+    distill.add_argument("profile", help="a profile with method: distill (a `then:` chain is built too)")
+    distill.add_argument("--device", choices=["auto", "cpu", "cuda"],
+                         help="train on this device (default: the profile's; not part of the cache key)")
+    distill.add_argument("--threads", type=int, help="CPU threads (default: the config's threads)")
+    distill.add_argument("--eval", action="store_true", help="then measure it: prose vs base, held-out traffic "
+                                                             "vs teacher, gates")
+    distill.add_argument("--force", action="store_true", help="with --eval: measure again even if a record exists")
+    distill.add_argument("--json", action="store_true", help="with --eval: the record as JSON")
+    distill.set_defaults(func=cmd_distill)
+
+    profiles = with_config(sub.add_parser("profiles", help="list profiles with cache state and sizes"))
+    profiles.add_argument("--json", action="store_true")
+    profiles.set_defaults(func=cmd_profiles)
 
     evaluate = with_evalset(with_config(sub.add_parser("eval", help="measure profiles against their base")))
     evaluate.add_argument("--profile", action="append", help="profile to evaluate (repeatable; default: all)")

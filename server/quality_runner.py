@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import threading
@@ -9,8 +10,18 @@ from pathlib import Path
 from typing import Any
 
 from shrinkserve.compression import quality_store
+from shrinkserve.compression.distill.evaluate import score_on_traffic
+from shrinkserve.compression.distill.method import HeldoutTraffic, heldout_traffic
 from shrinkserve.compression.profiles import BuiltProfile, ProfileBuilder, ProfileSpec
-from shrinkserve.compression.quality import EvalSet, Progress, Scorer, evaluate, iter_gate_failures, task_score
+from shrinkserve.compression.quality import (
+    EvalSet,
+    Progress,
+    Scorer,
+    evaluate,
+    iter_gate_failures,
+    progress_units,
+    task_score,
+)
 from shrinkserve.server.engines.base import Engine
 
 log = logging.getLogger("shrinkserve.quality")
@@ -21,19 +32,53 @@ class EvaluationCancelled(Exception):
 
 
 class Evaluator:
-    """Keeps the reference (the base in float32 on the PyTorch engine) loaded while evaluations run."""
+    """Keeps the reference (the base in float32 on the PyTorch engine) loaded while evaluations run.
 
-    def __init__(self, builder: ProfileBuilder, evalset: EvalSet, threads: int) -> None:
+    Prose and tasks compare a profile with its reference base, so every row of the report has one reference.
+    A distilled student (and what a `then:` chain made of it) is also scored on the held-out split of its
+    own traffic against its teacher (`record["traffic"]`): what it was trained to match."""
+
+    def __init__(self, builder: ProfileBuilder, evalset: EvalSet, threads: int, *,
+                 traffic_tokens: int | None = 4096) -> None:
         self.builder = builder
         self.evalset = evalset
         self.threads = threads
+        self.traffic_tokens = traffic_tokens
         self._reference: tuple[Path, Scorer] | None = None
         self._reference_task_score: dict[Path, float] = {}
         self._lock = threading.RLock()  # one evaluation at a time (CPU-bound); guards the reference too
         self._stop = threading.Event()
 
     def stored(self, built: BuiltProfile, spec: ProfileSpec) -> dict[str, Any] | None:
-        return quality_store.load(self.builder.cache, built, spec, self.evalset.sha256)
+        record = quality_store.load(self.builder.cache, built, spec, self.evalset.sha256)
+        if record is not None and spec.heldout_traffic and self._traffic_stale(record):
+            return None
+        return record
+
+    def _traffic_stale(self, record: dict[str, Any]) -> bool:
+        """Not measured on (this much of) its held-out traffic: measure again. (None: the split was empty.)"""
+        if "traffic" not in record:
+            return True
+        return record["traffic"] is not None and record["traffic"].get("max_tokens", -1) != self.traffic_tokens
+
+    def _heldout(self, name: str) -> HeldoutTraffic | None:
+        """The profile's held-out traffic, its first examples up to `traffic_tokens` response tokens."""
+        held = heldout_traffic(self.builder, name)
+        if held is None or self.traffic_tokens is None:
+            return held
+        examples, tokens = [], 0
+        for ex in held.examples:
+            if tokens >= self.traffic_tokens:
+                break
+            examples.append(ex)
+            tokens += ex.n_response
+        return dataclasses.replace(held, examples=examples)
+
+    def progress_total(self, name: str, spec: ProfileSpec, engine: Engine) -> int:
+        """Progress units of `run` for this profile: held-out prose tokens, task items, held-out traffic tokens."""
+        total = progress_units(self.evalset, len(self.evalset.token_ids(engine)))
+        held = self._heldout(name) if spec.heldout_traffic else None
+        return total + (sum(ex.n_response for ex in held.examples) if held is not None else 0)
 
     def _reference_for(self, name: str) -> tuple[Path, Scorer]:
         from shrinkserve.server.engines.torch_engine import TorchEngine
@@ -72,13 +117,38 @@ class Evaluator:
                                   reference_task_score=self._reference_task_score[ref_path])
             finally:
                 scorer.close()
+            if spec.heldout_traffic:
+                record["traffic"] = self._traffic(name, engine, tick)
             record.update(bytes=built.bytes, resident_bytes=resident_bytes, method=spec.method,
                           variant=quality_store.variant(spec))
             quality_store.save(self.builder.cache, built, spec, record)
             log.info("profile %s: ppl %.3f (x%.3f), KL %.4f, top-1 %.3f, tasks %.2f, %.1f tok/s", name,
                      record["perplexity"], record["ppl_ratio"], record["kl"], record["top1"], record["task_score"],
                      record["decode_tokens_per_s"])
+            if record.get("traffic"):
+                t = record["traffic"]
+                log.info("profile %s on %d held-out traffic tokens: KL %.4f (hardest 10%%: %.4f), top-1 %.3f", name,
+                         t["tokens"], t["kl"], t["kl_hard10"], t["top1"])
             return record
+
+    def _traffic(self, name: str, engine: Engine, tick: Progress) -> dict[str, Any] | None:
+        """KL / top-1 against the student's teacher (float32, PyTorch engine) on the held-out split of the
+        traffic it was distilled from; the teacher is the loaded reference when they are the same checkpoint."""
+        from shrinkserve.server.engines.torch_engine import TorchEngine
+
+        held = self._heldout(name)
+        if held is None or not held.examples:
+            return None
+        shared = self._reference is not None and self._reference[0] == held.teacher
+        teacher = self._reference[1].engine if shared else TorchEngine(held.teacher, threads=self.threads,
+                                                                        dtype="float32")
+        try:
+            score = score_on_traffic(engine, held.examples, teacher=teacher, progress=tick)
+        finally:
+            if not shared:
+                teacher.close()
+        return {**score, "teacher_key": held.teacher_identity, "student_key": held.student_key,
+                "max_tokens": self.traffic_tokens}
 
     def shutdown(self) -> None:
         """Stop a running evaluation (before the engines it uses are closed) and free the reference."""

@@ -24,7 +24,7 @@ from pydantic_settings import (
 
 from shrinkserve.compression.profiles import BaseSpec, ProfileSpec
 from shrinkserve.compression.quality import EvalSet
-from shrinkserve.server.traffic_log import CaptureSettings
+from shrinkserve.compression.traffic import CaptureSettings
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -63,6 +63,10 @@ class EvaluationSettings(BaseModel):
     on_build: bool = True
     max_tokens: int | None = Field(default=None, ge=64, description="held-out tokens used; None = all (~3.5k)")
     tasks: int | None = Field(default=None, ge=1, description="task items used; None = all")
+    # A distilled student is also scored on the held-out split of its traffic, which grows with the capture
+    # it trained on (10% of it by default): its first examples up to this many response tokens are used.
+    traffic_tokens: int | None = Field(default=4096, ge=16, description="held-out traffic tokens scored per "
+                                                                         "student; None = all")
     # Serve profiles that fail their quality gate anyway (they stay marked as failing in /v1/models).
     serve_rejected: bool = False
 
@@ -175,6 +179,9 @@ class Settings(BaseSettings):
         unknown = [n for n in self.serving.profiles if n not in self.profiles]
         if unknown:
             raise ValueError(f"serving.profiles names unknown profile(s): {', '.join(unknown)}")
+        unknown = [n for n in self.capture.profiles if n not in self.profiles]
+        if unknown:
+            raise ValueError(f"capture.profiles names unknown profile(s): {', '.join(unknown)}")
         return self
 
     def serving_for(self, name: str) -> ResolvedServing:

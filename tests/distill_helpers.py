@@ -70,3 +70,12 @@ def save_tiny_teacher(path: Path, layers: int = 6, seed: int = 0) -> Path:
     model.save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return path
+
+
+def student_builder(cache: Path, teacher_dir: Path, profiles: dict[str, dict]) -> object:
+    """A ProfileBuilder whose only base is the teacher checkpoint at `teacher_dir` (profiles: name → YAML dict)."""
+    from shrinkserve.compression.cache import ArtifactCache
+    from shrinkserve.compression.profiles import BaseSpec, ProfileBuilder, ProfileSpec
+
+    specs = {name: ProfileSpec.model_validate(p) for name, p in profiles.items()}
+    return ProfileBuilder(ArtifactCache(cache), {"teacher": BaseSpec(source=str(teacher_dir))}, specs, threads=1)

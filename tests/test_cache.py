@@ -204,6 +204,37 @@ def test_failing_build_leaves_nothing(tmp_path: Path) -> None:
     assert not hit and build.calls == 1
 
 
+def test_a_keys_work_dir_outlives_a_failed_build_and_goes_with_the_artifact(tmp_path: Path) -> None:
+    """What a build keeps for a resume (training checkpoints) survives its failure, not its success."""
+    cache = ArtifactCache(tmp_path)
+    key = cache_key(INPUTS, RECIPE, TOOLS)
+    work = cache.work_dir(key)
+    assert not work.exists()
+
+    def interrupted(out: Path) -> None:
+        work.mkdir(parents=True, exist_ok=True)
+        (work / "step-1").write_text("checkpoint")
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        _get(cache, interrupted)
+    assert (work / "step-1").read_text() == "checkpoint"
+    resumed: list[str] = []
+
+    def resume(out: Path) -> None:
+        resumed.append((work / "step-1").read_text())
+        CountingBuild()(out)
+
+    _get(cache, resume)
+    assert resumed == ["checkpoint"] and not work.exists()
+    # A builder killed between the rename and the removal: the next clean-up takes the leftovers.
+    work.mkdir(parents=True)
+    cache.clean_tmp()
+    assert not work.exists()
+    with pytest.raises(ValueError):
+        cache.work_dir("../escape")
+
+
 def test_update_manifest(tmp_path: Path) -> None:
     cache = ArtifactCache(tmp_path)
     art, _ = _get(cache, CountingBuild())

@@ -19,11 +19,12 @@ from shrinkserve.compression.distill.data import (
     read_jsonl_records,
     split_heldout,
 )
-from shrinkserve.compression.distill.evaluate import TorchLogits, score_candidates, sequence_logprobs
+from shrinkserve.compression.distill.evaluate import TorchLogits, score_candidates
 from shrinkserve.compression.distill.losses import TAIL_EPS, cross_entropy, forward_kl, token_losses, topk_tail_kl
 from shrinkserve.compression.distill.prune import choose_dropped, narrowed_size, prune
 from shrinkserve.compression.distill.train import TrainConfig, collate, heldout_loss, train
-from tests.distill_helpers import VOCAB, sampled_examples, save_tiny_teacher, tiny_teacher
+from shrinkserve.compression.scoring import chunked_logprobs
+from tests.distill_helpers import VOCAB, sampled_examples, save_tiny_teacher, student_builder, tiny_teacher
 
 # ------------------------------------------------------------------------------------------- losses
 
@@ -251,7 +252,7 @@ def test_scoring_on_traffic_against_the_teacher(teacher_and_data) -> None:
     # the same KL as the training loop's held-out measurement (same positions, same definition)
     assert s["kl"] == pytest.approx(heldout_loss(student, held, "kl", teacher=teacher), rel=1e-4)
     # chunked feeding gives the full-sequence logprobs
-    lp = sequence_logprobs(t_eng.new_sequence(), held[0].ids, 3)
+    lp = chunked_logprobs(t_eng.new_sequence(), held[0].ids, 3)
     with torch.no_grad():
         full = torch.log_softmax(teacher(input_ids=torch.from_numpy(held[0].ids)[None]).logits[0].double(), -1).numpy()
     np.testing.assert_allclose(lp, full[:-1], rtol=1e-4, atol=1e-4)
@@ -302,44 +303,56 @@ def _write_records(path: Path, examples: list[DistillExample]) -> Path:
     return path
 
 
-def _options(records: Path, **kw: object):
-    from shrinkserve.compression.distill.options import DistillOptions
-
-    base = {"data": {"capture": [str(records)], "heldout_fraction": 0.2},
+def _profile(records: Path, **kw: object) -> dict:
+    """A `method: distill` profile of the tiny teacher (the options are validated by the registry)."""
+    base = {"method": "distill", "data": {"capture": [str(records)], "heldout_fraction": 0.2},
             "student": {"drop_layers": 2, "calibration_samples": 8},
             "budget": {"steps": 10, "tokens": None, "seconds": None},
             "optimizer": {"batch": 8, "lr": 1e-3, "warmup_steps": 1},
             "evaluation": {"every": 5, "patience": 0}, "checkpoint_every": 2, "device": "cpu"}
     for k, v in kw.items():
         base[k] = {**base.get(k, {}), **v} if isinstance(v, dict) else v
-    return DistillOptions.model_validate(base)
+    return base
+
+
+def _options(records: Path, **kw: object):
+    from shrinkserve.compression.distill.options import DistillOptions
+
+    return DistillOptions.model_validate({k: v for k, v in _profile(records, **kw).items() if k != "method"})
 
 
 def test_student_key_changes_with_recipe_data_and_tools_but_not_with_device(tmp_path: Path, teacher_and_data,
                                                                            monkeypatch) -> None:
-    from shrinkserve.compression.distill import pipeline
+    from shrinkserve.compression.distill.method import Distill
 
     _, train_ex, _ = teacher_and_data
+    teacher_dir = save_tiny_teacher(tmp_path / "teacher")
+    other_teacher = save_tiny_teacher(tmp_path / "other-teacher", seed=1)
     data = _write_records(tmp_path / "a.jsonl", train_ex)
-    key = pipeline.plan(_options(data), "teacherkey", "t")[2].key
-    assert pipeline.plan(_options(data), "teacherkey", "t")[2].key == key
-    assert pipeline.plan(_options(data, device="auto", checkpoint_every=7), "teacherkey", "t")[2].key == key
+
+    def key(records: Path = data, teacher: Path = teacher_dir, **kw: object) -> str:
+        return student_builder(tmp_path / "cache", teacher, {"p": _profile(records, **kw)}).key("p")
+
+    k = key()
+    assert key() == k
+    assert key(device="auto", checkpoint_every=7, load="eager") == k
     changed = [
-        _options(data, loss={"kind": "topk"}), _options(data, loss={"mix": 0.1}), _options(data, seed=1),
-        _options(data, student={"drop_layers": 3}), _options(data, student={"mlp_ratio": 0.5}),
-        _options(data, optimizer={"lr": 2e-3}), _options(data, budget={"steps": 11}),
-        _options(data, data={"heldout_fraction": 0.3}), _options(data, evaluation={"patience": 2}),
+        dict(loss={"kind": "topk"}), dict(loss={"mix": 0.1}), dict(seed=1), dict(student={"drop_layers": 3}),
+        dict(student={"mlp_ratio": 0.5}), dict(optimizer={"lr": 2e-3}), dict(budget={"steps": 11}),
+        dict(data={"heldout_fraction": 0.3}), dict(evaluation={"patience": 2}),
     ]
-    keys = {pipeline.plan(o, "teacherkey", "t")[2].key for o in changed}
-    assert key not in keys and len(keys) == len(changed)
-    assert pipeline.plan(_options(data), "otherteacher", "t")[2].key != key
+    keys = {key(**c) for c in changed}
+    assert k not in keys and len(keys) == len(changed)
+    assert key(teacher=other_teacher) != k
     data2 = _write_records(tmp_path / "b.jsonl", train_ex[:-1])
-    assert pipeline.plan(_options(data2), "teacherkey", "t")[2].key != key
-    monkeypatch.setattr(pipeline, "DISTILL_FORMAT", "999")
-    assert pipeline.plan(_options(data), "teacherkey", "t")[2].key != key
+    assert key(records=data2) != k
+    monkeypatch.setattr(Distill, "tool_constants", {"shrinkserve_distill": "999"})
+    assert key() != k
+    monkeypatch.undo()
     # the pruned init does not depend on the loss: two students of one shape share it
-    assert pipeline.plan(_options(data, loss={"kind": "ce"}), "k", "t")[1].key == pipeline.plan(_options(data), "k",
-                                                                                                 "t")[1].key
+    b = student_builder(tmp_path / "cache", teacher_dir, {"ce": _profile(data, loss={"kind": "ce"}),
+                                                          "kd": _profile(data)})
+    assert b.plan("ce").node.deps["student_init"].key == b.plan("kd").node.deps["student_init"].key
     with pytest.raises(ValueError, match="not both"):
         _options(data, student={"n_layers": 4})
     with pytest.raises(ValueError, match="needs data"):
@@ -349,54 +362,49 @@ def test_student_key_changes_with_recipe_data_and_tools_but_not_with_device(tmp_
 def test_prune_then_distill_through_the_cache(tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    from shrinkserve.compression.cache import ArtifactCache
     from shrinkserve.compression.distill import pipeline
 
     teacher_dir = save_tiny_teacher(tmp_path / "teacher")
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir)
     data = _write_records(tmp_path / "data.jsonl", sampled_examples(teacher, 240, seed=3))
-    cache = ArtifactCache(tmp_path / "cache")
-    opts = _options(data)
-    art, hit = pipeline.build_student(cache, opts, teacher_dir, teacher_key="tk", teacher_name="tiny", progress=False)
-    assert not hit
-    extra = art.manifest["extra"]
+    builder = student_builder(tmp_path / "cache", teacher_dir, {"s": _profile(data)})
+    built = builder.build("s")
+    assert not built.cache_hit
+    extra = built.manifest["extra"]
     assert extra["steps"] == 10 and extra["stop_reason"] == "steps" and extra["device"] == "cpu"
     assert extra["prune"]["dropped_layers"] and len(extra["prune"]["block_influence"]) == 6
     assert extra["heldout_best"] < extra["heldout_initial"]
-    student = AutoModelForCausalLM.from_pretrained(art.path)
+    student = AutoModelForCausalLM.from_pretrained(built.path)
     assert student.config.num_hidden_layers == 4
-    held = pipeline.heldout_examples(art.path)
+    held = pipeline.heldout_examples(built.path)
     assert len(held) == extra["heldout_examples"] > 0
-    assert not pipeline.run_dir_for(cache, art.key).exists()  # checkpoints go once the artifact exists
-    again, hit = pipeline.build_student(cache, opts, teacher_dir, teacher_key="tk", teacher_name="tiny",
-                                        progress=False)
-    assert hit and again.key == art.key
+    assert built.key is not None and not builder.cache.work_dir(built.key).exists()  # checkpoints went
+    again = builder.build("s")
+    assert again.cache_hit and again.key == built.key
     text = pipeline.summary(extra)
     assert "4 of 6 layers" in text and "10 steps" in text and "pruned →" in text
 
 
 def test_synthetic_teacher_data_feeds_the_chain(tmp_path: Path) -> None:
-    from shrinkserve.compression.cache import ArtifactCache
     from shrinkserve.compression.distill import pipeline
-    from shrinkserve.compression.distill.options import DistillOptions
 
     teacher_dir = save_tiny_teacher(tmp_path / "teacher")
     rng = np.random.default_rng(0)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("".join(" ".join(f"t{i}" for i in rng.integers(4, VOCAB, 4)) + "\n" for _ in range(40)))
-    opts = DistillOptions.model_validate({
+    profile = {
+        "method": "distill",
         "data": {"synthetic": {"prompts": str(prompts), "max_tokens": 8, "top_k": 5}, "heldout_fraction": 0.2},
         "student": {"drop_layers": 2, "calibration_samples": 4}, "loss": {"kind": "topk"},
-        "budget": {"steps": 3, "tokens": None, "seconds": None}, "evaluation": {"every": 3}, "device": "cpu"})
-    cache = ArtifactCache(tmp_path / "cache")
-    art, _ = pipeline.build_student(cache, opts, teacher_dir, teacher_key="tk", teacher_name="tiny", progress=False)
-    data_plan = pipeline.plan(opts, "tk", "tiny")[0]
-    assert data_plan is not None
-    data = cache.lookup(data_plan.key)
+        "budget": {"steps": 3, "tokens": None, "seconds": None}, "evaluation": {"every": 3}, "device": "cpu"}
+    builder = student_builder(tmp_path / "cache", teacher_dir, {"s": profile})
+    built = builder.build("s")
+    data_node = builder.plan("s").node.deps["synthetic"]
+    data = builder.cache.lookup(data_node.key)
     assert data is not None and data.manifest["extra"]["records"] == 40
     records = list(pipeline.read_records([data.path / pipeline.RECORDS_DIR]))
     assert len(records) == 40
     ex = example_from_record(records[0], vocab_size=VOCAB)
     assert 1 <= ex.n_response <= 8 and ex.topk_ids.shape == (ex.n_response, 5) and ex.sampled_logprobs is not None
-    extra = art.manifest["extra"]
+    extra = built.manifest["extra"]
     assert extra["train_examples"] + extra["heldout_examples"] == 40 and extra["steps"] == 3

@@ -136,15 +136,13 @@ def test_an_early_stop_stays_stopped_when_resumed(tmp_path: Path) -> None:
 def _build(root: Path, steps: int) -> None:
     """Worker: the cached prune → distil chain of a tiny teacher (tests/test_distill.py's options)."""
     sys.path.insert(0, str(REPO))
-    from shrinkserve.compression.cache import ArtifactCache
-    from shrinkserve.compression.distill import pipeline
-    from tests.test_distill import _options
+    from tests.distill_helpers import student_builder
+    from tests.test_distill import _profile
 
     torch.set_num_threads(1)
-    opts = _options(root / "data.jsonl", budget={"steps": steps}, checkpoint_every=1, evaluation={"every": 50})
-    art, _ = pipeline.build_student(ArtifactCache(root / "cache"), opts, root / "teacher", teacher_key="tk",
-                                    teacher_name="tiny", progress=False)
-    (root / "extra.json").write_text(json.dumps(art.manifest["extra"]))
+    profile = _profile(root / "data.jsonl", budget={"steps": steps}, checkpoint_every=1, evaluation={"every": 50})
+    built = student_builder(root / "cache", root / "teacher", {"s": profile}).build("s")
+    (root / "extra.json").write_text(json.dumps(built.manifest["extra"]))
 
 
 def test_a_killed_student_build_resumes_from_its_checkpoints(tmp_path: Path) -> None:
@@ -159,7 +157,7 @@ def test_a_killed_student_build_resumes_from_its_checkpoints(tmp_path: Path) -> 
     cmd = [sys.executable, __file__, "build", str(tmp_path), "150"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     victim = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    runs = tmp_path / "cache" / "distill-runs"
+    runs = tmp_path / "cache" / "work"
     deadline = time.monotonic() + 300
     while not any(runs.glob("*/step-*")):
         assert victim.poll() is None, victim.communicate()[0]

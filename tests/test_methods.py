@@ -80,11 +80,15 @@ def test_every_registered_method_parses_and_names_itself() -> None:
         assert isinstance(handler, MethodHandler) and handler.name == name
         assert handler.engines and handler.output in ("hf", "gguf", "quantized")
         for method in handler.method_names()[:3]:
-            extra = {"path": __file__} if method == "gguf:file" else {}
+            extra: dict[str, Any] = {"path": __file__} if method == "gguf:file" else {}
+            if method == "distill":
+                extra = {"data": {"synthetic": {"prompts": str(PROMPTS)}}}
             assert ProfileSpec(method=method, **extra).pipeline == method
 
 
 # ------------------------------------------------------------------ cache keys
+
+PROMPTS = Path(__file__).resolve().parents[1] / "compression" / "data" / "prompts" / "general.jsonl"
 
 # For every option of every registered method: a profile and variations that must each change the key.
 KEY_CASES: dict[str, tuple[dict[str, Any], dict[str, list[Any]]]] = {
@@ -99,6 +103,15 @@ KEY_CASES: dict[str, tuple[dict[str, Any], dict[str, list[Any]]]] = {
                                   "calibration": [{"samples": 8}]}),
     "gguf": ({"method": "gguf:q8_0"}, {"type": ["q4_k_m", "q4_0", "f16"]}),
     "gguf:file": ({"method": "gguf:file", "path": __file__}, {"path": []}),
+    # device and checkpoint_every change how a student trains, not what: not in the key (tests/test_distill.py);
+    # teacher_profile needs a second profile (tests/test_distill_method.py).
+    "distill": ({"method": "distill", "data": {"synthetic": {"prompts": str(PROMPTS)}}}, {
+        "student": [{"drop_layers": 5}, {"mlp_ratio": 0.5}], "loss": [{"kind": "topk"}, {"mix": 0.2}],
+        "data": [{"synthetic": {"prompts": str(PROMPTS), "temperature": 0.5}},
+                 {"synthetic": {"prompts": str(PROMPTS)}, "heldout_fraction": 0.2},
+                 {"synthetic": {"prompts": str(PROMPTS.with_name("word_forms.train.jsonl"))}}],
+        "budget": [{"tokens": 1000}], "optimizer": [{"lr": 1e-3}], "evaluation": [{"every": 10}], "seed": [1],
+        "device": [], "checkpoint_every": [], "teacher_profile": []}),
 }
 
 

@@ -143,6 +143,12 @@ INVALID = {
                          ["profiles.a.max_concurency", "Extra inputs are not permitted"]),
     "bad profile name": ({"profiles": {"a b": A}}, ["profile name 'a b' must match"]),
     "no profiles": ({"profiles": {}}, ["at least one profile is required"]),
+    "capture of an unknown profile": ({"profiles": {"a": A}, "capture": {"dir": "/tmp", "profiles": ["b"]}},
+                                      ["capture.profiles names unknown profile(s): b"]),
+    "the older capture file": ({"profiles": {"a": A}, "capture": {"file": "/tmp/traffic.jsonl"}},
+                               ["capture.file (one JSONL file) was replaced by capture.dir"]),
+    "traffic gate on a quantized base": ({"profiles": {"a": {**A, "gate": {"min_traffic_top1": 0.5}}}},
+                                         ["gate min_traffic_top1: method 'gguf:q4_0' has no held-out traffic"]),
 }
 
 

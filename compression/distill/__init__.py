@@ -7,6 +7,7 @@ against the teacher on held-out traffic.
 - train.py       the training loop (budgets, accumulation, checkpoints/resume, early stop, progress)
 - checkpoint.py  crash-safe training checkpoints
 - evaluate.py    KL / top-1 / hardest-10% of any single-sequence engine against the teacher on held-out traffic
-- teacher_data.py  stand-in generator of teacher records from prompts (until compression/traffic.py's)
-- method.py      the `distill` method: options (= cache-key recipe), plan, build through the artifact cache
+- options.py     the options of `method: distill` (= the cache-key recipe)
+- pipeline.py    the build steps: synthetic teacher data, pruned init, trained student
+- method.py      the `distill` method in the registry: plans the steps as cached nodes
 """

@@ -2,9 +2,9 @@
 teacher's top-k distribution per response token (interfaces.md §3, the capture record).
 
 `DistillExample` is the narrow type every part of distillation reads; `example_from_record` adapts a capture
-record (an object with the §3 attributes or a mapping with the §3 keys, and the old JSONL of
-server/traffic_log.py) to it. Until compression/traffic.py's reader lands, `read_jsonl_records` reads JSONL
-files of either layout so training and the evidence script have a data path today.
+record (compression/traffic.py's `CaptureRecord`, a mapping with the same keys, or a line of the older
+capture JSONL) to it. `write_jsonl_records` / `read_jsonl_records` keep examples as JSONL with the same
+field names: a student's held-out split, and small test data.
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def _field(rec: Any, name: str, default: Any = None) -> Any:
 def example_from_record(rec: Any, *, vocab_size: int | None = None) -> DistillExample:
     """Adapt one capture record (interfaces.md §3 fields, as attributes or mapping keys) to an example.
 
-    Also reads the old server/traffic_log.py JSONL record (`teacher_topk` = per token [[id, logprob], ...],
+    Also reads a line of the older capture JSONL (`teacher_topk` = per token [[id, logprob], ...],
     no sampled-token logprob). A record whose teacher names another vocabulary size is refused: its token ids
     would silently mean other tokens.
     """
@@ -134,7 +134,7 @@ def record_to_jsonable(rec: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def write_jsonl_records(records: Iterable[Mapping[str, Any]], path: Path) -> int:
-    """Write §3-field records as JSONL (the stand-in format of this package until compression/traffic.py)."""
+    """Write §3-field records as JSONL (held-out splits, test data)."""
     n = 0
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
@@ -145,7 +145,7 @@ def write_jsonl_records(records: Iterable[Mapping[str, Any]], path: Path) -> int
 
 
 def read_jsonl_records(paths: Iterable[Path]) -> Iterator[dict[str, Any]]:
-    """Records from JSONL files (§3 field names, or the old traffic_log layout). A torn last line is skipped."""
+    """Records from JSONL files (§3 field names, or the older capture layout). A torn last line is skipped."""
     for path in paths:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
         for n, line in enumerate(lines, 1):

@@ -11,67 +11,19 @@ Without a teacher engine the records' own top-k + tail distribution stands in fo
 top-k + one tail bucket; top-1 = the recorded best token; hardness from the entropy of that coarse
 distribution); the result says which.
 
-TODO(integrator): when compression/scoring.py (capture branch) lands, use its chunk_ends/log_softmax/kl_top1/
-hardest here instead of the local copies below (same definitions).
+Scoring goes through compression/scoring.py (the same prompt cut, log-softmax and KL/top-1/hardest as the
+prose comparison and the serving core).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
 from shrinkserve.compression.distill.data import DistillExample, examples_digest
-
-
-class LogitsSequence(Protocol):
-    def forward(self, ids: Sequence[int], *, all_logits: bool) -> np.ndarray: ...
-
-    def truncate(self, n: int) -> None: ...
-
-
-class LogitsEngine(Protocol):
-    max_batch: int
-
-    def new_sequence(self) -> LogitsSequence: ...
-
-
-def chunk_ends(n: int, max_batch: int) -> list[int]:
-    """How the server's prefill cuts a prompt (chunks of max_batch from 0, the last token on its own):
-    logits differ in their last bits with the cut, so scoring cuts the same way."""
-    if n <= 1:
-        return [n] if n > 0 else []
-    return sorted({e for e in [*range(max_batch, n - 1, max_batch), n - 1, n] if e > 0})
-
-
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits.astype(np.float64, copy=False)
-    z = z - z.max(axis=-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
-
-
-def sequence_logprobs(seq: LogitsSequence, ids: Sequence[int], max_batch: int) -> np.ndarray:
-    """Log-softmax of the next-token distribution at positions 0..n-2 of a fresh sequence: [n-1, vocab]."""
-    seq.truncate(0)
-    rows, start = [], 0
-    for end in chunk_ends(len(ids), max_batch):
-        rows.append(log_softmax(seq.forward([int(t) for t in ids[start:end]], all_logits=True)))
-        start = end
-    return np.concatenate(rows)[:-1]
-
-
-def kl_top1(ref: np.ndarray, lp: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per position: KL(ref ‖ lp), whether the argmaxes agree, the reference's entropy (quality.py's)."""
-    p = np.exp(ref)
-    kl = (p * (ref - lp)).sum(axis=1)
-    entropy = -(p * ref).sum(axis=1)
-    agree = ref.argmax(axis=1) == lp.argmax(axis=1)
-    return np.maximum(kl, 0.0), agree, entropy
-
-
-def hardest(entropy: np.ndarray, fraction: float = 0.1) -> np.ndarray:
-    return np.argsort(-entropy, kind="stable")[: max(1, int(len(entropy) * fraction + 1e-9))]
+from shrinkserve.compression.scoring import LogitsEngine, chunked_logprobs, hardest, kl_top1
 
 
 def records_kl_top1(
@@ -122,9 +74,9 @@ def score_candidates(
             ref = None
             if teacher is not None:
                 assert t_seq is not None
-                ref = sequence_logprobs(t_seq, ex.ids, teacher.max_batch)[r - 1:]
+                ref = chunked_logprobs(t_seq, ex.ids, teacher.max_batch)[r - 1:]
             for name, eng in candidates.items():
-                lp = sequence_logprobs(seqs[name], ex.ids, eng.max_batch)[r - 1:]
+                lp = chunked_logprobs(seqs[name], ex.ids, eng.max_batch)[r - 1:]
                 if ref is not None:
                     n = min(ref.shape[1], lp.shape[1])  # padded vocabularies: compare the shared part
                     kl, agree, ent = kl_top1(ref[:, :n], lp[:, :n])

@@ -13,12 +13,10 @@ All computed in float32 whatever the autocast dtype: sums over a 49k vocabulary 
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
 
-LossKind = Literal["kd", "topk", "ce"]
+from shrinkserve.compression.distill.options import LossKind
 
 # A tail mass below this is rounding noise of a float32 sum of k probabilities (the records hold float32
 # logprobs), not mass: it counts as 0, else the term would pit noise against the student's own tail, which is

@@ -1,4 +1,4 @@
-"""`method: distill` in the method registry (compression/methods/, capture branch): the student as a DAG of
+"""`method: distill` in the method registry (compression/methods/): the student as a DAG of
 cached nodes, so `then: gguf:q8_0` (or any HF-input method) quantizes it like any HF checkpoint.
 
     teacher (HF node: the profile's base, or `teacher_profile`'s output)
@@ -7,21 +7,21 @@ cached nodes, so `then: gguf:q8_0` (or any HF-input method) quantizes it like an
       ├─ student-init   ← teacher + data      (BI pruning; manifest extra "prune": layers and scores)
       └─ distill        ← teacher + student-init + data  (the recipe = DistillOptions.key_dump())
 
-Registration: import this module once the registry is loaded (compression/methods/__init__.py:
-`from shrinkserve.compression.distill import method as _distill  # noqa: F401`), after the built-in methods.
-This module is the only part of compression/distill/ that needs the registry.
+Registered by compression/methods/__init__.py, after the built-in methods. This module is the only part of
+compression/distill/ that needs the registry.
 """
 
 from __future__ import annotations
 
 import functools
-import shutil
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from shrinkserve.compression.distill import pipeline
-from shrinkserve.compression.distill.options import DistillOptions
+from shrinkserve.compression.distill.data import DistillExample
+from shrinkserve.compression.distill.options import NOT_IN_KEY, DistillOptions
 from shrinkserve.compression.methods.base import (
     ArtifactKind,
     BuildJob,
@@ -33,21 +33,21 @@ from shrinkserve.compression.methods.base import (
     register_method,
 )
 
+if TYPE_CHECKING:
+    from shrinkserve.compression.pipeline import ProfileBuilder
+
 
 class DistillMethodOptions(DistillOptions, MethodOptions):
     """DistillOptions as the registry's options type; its key_dump (paths → content hashes, without the
     options that do not change the result: device, checkpoint_every) is the recipe."""
 
+    def key_dump(self) -> dict[str, Any]:
+        # The registry's dump hashes data files once per (size, mtime): planning runs on every `status`.
+        return {k: v for k, v in MethodOptions.key_dump(self).items() if k not in NOT_IN_KEY}
+
 
 def _data_paths(job: BuildJob) -> list[Path]:
     return [p for name, p in sorted(job.inputs.items()) if name.startswith(("capture", "synthetic"))]
-
-
-def _run_dir(job: BuildJob, key: str) -> Path:
-    # Checkpoints must outlive the build's temp directory (a killed build resumes from them). BuildJob has
-    # no stable per-key directory yet; the temp dir lies in <cache>/tmp/, so its grandparent is the cache root.
-    work = getattr(job, "work_dir", None)
-    return Path(work) if work is not None else job.out.parent.parent / "distill-runs" / key
 
 
 @register_method("distill")
@@ -58,9 +58,9 @@ class Distill(MethodHandler):
     accepts: ClassVar[tuple[ArtifactKind, ...]] = ()  # a profile's first method: its input is a teacher
     tools = ("torch", "transformers")
     tool_constants: ClassVar[Mapping[str, str]] = {"shrinkserve_distill": pipeline.DISTILL_FORMAT}
-    # Training takes minutes to hours: a distill profile should load lazily unless its YAML says otherwise
-    # (ProfileSpec.load defaults to eager; the spec should honour this when `load` is not set).
-    default_load: ClassVar[str] = "lazy"
+    # Training takes minutes to hours: a distill profile loads lazily unless its YAML says otherwise.
+    default_load: ClassVar[Literal["eager", "lazy"]] = "lazy"
+    heldout_traffic: ClassVar[bool] = True
 
     def label(self, opts: MethodOptions) -> str:
         assert isinstance(opts, DistillOptions)
@@ -89,11 +89,9 @@ class Distill(MethodHandler):
                        "seed": opts.seed}
         init = artifact_node("hf", ctx.name("student-init", teacher), init_recipe, {"teacher": teacher, **data},
                              tools, functools.partial(_build_init, opts=opts))
-        node = artifact_node("hf", ctx.name(self.label(opts), teacher), self.recipe(opts),
-                             {"teacher": teacher, "student_init": init, **data}, tools, lambda job: None)
-        assert node.plan is not None
-        node.build = functools.partial(_build_student, opts=opts, key=node.plan.key)
-        return node
+        return artifact_node("hf", ctx.name(self.label(opts), teacher), self.recipe(opts),
+                             {"teacher": teacher, "student_init": init, **data}, tools,
+                             functools.partial(_build_student, opts=opts))
 
 
 def _build_data(job: BuildJob, *, syn: Any, teacher_name: str, teacher_id: str) -> dict[str, Any]:
@@ -105,22 +103,13 @@ def _build_init(job: BuildJob, *, opts: DistillOptions) -> dict[str, Any]:
     return pipeline.prune_step(job.inputs["teacher"], _data_paths(job), opts, job.out, threads=job.threads)
 
 
-def _build_student(job: BuildJob, *, opts: DistillOptions, key: str) -> dict[str, Any]:
-    run_dir = _run_dir(job, key)
-    _sweep_finished_runs(run_dir.parent, job.out.parent.parent / "artifacts")
-    # The run dir is kept until the artifact exists (the cache renames job.out into place after this returns):
-    # if that rename failed, a retry would resume from the final checkpoint instead of training again.
+def _build_student(job: BuildJob, *, opts: DistillOptions) -> dict[str, Any]:
+    # Training checkpoints go to the key's work dir, which outlives this build's temp dir: a build killed at
+    # any point resumes from them; the cache removes them once the student's artifact is in place.
+    if job.work_dir is None:
+        raise ValueError("a distillation build needs the cache's work directory for its checkpoints")
     return pipeline.distill_step(job.inputs["teacher"], job.inputs["student_init"], _data_paths(job), opts,
-                                 job.out, run_dir, threads=job.threads)
-
-
-def _sweep_finished_runs(runs: Path, artifacts: Path) -> None:
-    """Remove the checkpoints of students whose artifact is in the cache (their training is over)."""
-    if not runs.is_dir():
-        return
-    for run in runs.iterdir():
-        if (artifacts / run.name).is_dir():
-            shutil.rmtree(run, ignore_errors=True)
+                                 job.out, job.work_dir, threads=job.threads)
 
 
 def find_distill_node(node: Node) -> Node | None:
@@ -136,3 +125,26 @@ def find_distill_node(node: Node) -> Node | None:
             return n
         stack.extend(n.deps.values())
     return None
+
+
+@dataclass(frozen=True)
+class HeldoutTraffic:
+    """What a profile derived from a student is measured on against the student's teacher."""
+
+    teacher: Path  # the teacher's HF checkpoint (scored in float32 on the PyTorch engine)
+    teacher_identity: str  # its cache key or content hash
+    student_key: str
+    examples: list[DistillExample]
+
+
+def heldout_traffic(builder: ProfileBuilder, name: str) -> HeldoutTraffic | None:
+    """The held-out split of the traffic the profile's student was distilled from, and that student's teacher;
+    None for a profile without a distill step. Builds nothing that building the profile did not."""
+    node = find_distill_node(builder.plan(name).node)
+    if node is None:
+        return None
+    teacher = node.deps["teacher"]
+    student = builder.resolve_node(node, name)
+    assert node.key is not None
+    return HeldoutTraffic(builder.resolve_node(teacher, name), teacher.identity, node.key,
+                          pipeline.heldout_examples(student))

@@ -25,12 +25,16 @@ Every default works on a 2-core CPU box, where a useful run is a narrow task (bu
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from shrinkserve.compression.distill.losses import LossKind
-from shrinkserve.compression.distill.train import TrainConfig
+if TYPE_CHECKING:
+    from shrinkserve.compression.distill.train import TrainConfig
+
+# The loss kinds (compression/distill/losses.py). Defined here so that reading a profile (and registering the
+# method) does not import torch: every CLI command loads the settings.
+LossKind = Literal["kd", "topk", "ce"]
 
 # Options that change how a build runs but not what it computes: not part of the cache key.
 NOT_IN_KEY = ("device", "checkpoint_every")
@@ -157,6 +161,8 @@ class DistillOptions(_Options):
     seed: int = 0
 
     def train_config(self) -> TrainConfig:
+        from shrinkserve.compression.distill.train import TrainConfig
+
         o, b, e = self.optimizer, self.budget, self.evaluation
         return TrainConfig(
             loss=self.loss.kind, top_k=self.loss.top_k, include_sampled=self.loss.include_sampled, mix=self.loss.mix,

@@ -1,14 +1,12 @@
-"""prune → distil as artifacts of the content-addressed cache, independent of how methods are registered.
+"""The steps of `method: distill` (compression/distill/method.py plans them as cached nodes of the registry):
 
-Three cached steps, each keyed by its inputs' identities + recipe + tool versions (compression/cache.py):
-
-    teacher-data   (only for synthetic prompts)  teacher + prompts file + sampling → records/
+    teacher-data   (only for synthetic prompts)  teacher + prompts file + sampling → records/ (capture format)
     student-init   teacher + data + student shape → pruned HF checkpoint (BI scores in the manifest)
     student        teacher + data + student-init + full recipe → trained HF checkpoint
 
 The trained student's artifact only appears when training has finished (the cache renames a complete
 directory into place), so a half-trained student is never served. Training checkpoints live outside the
-artifact, in a run directory keyed by the student's cache key, so a build killed at any point resumes
+artifact, in the cache's work directory of the student's key, so a build killed at any point resumes
 where its last checkpoint left off when the same profile is built again.
 
 The artifact also holds `distill/heldout.jsonl` (the held-out split, never trained on: what
@@ -19,13 +17,12 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from shrinkserve.compression.base_model import Planned, tool_version
-from shrinkserve.compression.cache import Artifact, ArtifactCache, hash_path
+from shrinkserve.compression import traffic
+from shrinkserve.compression.base_model import tool_version
 from shrinkserve.compression.distill.data import (
     DistillExample,
     examples_digest,
@@ -45,47 +42,39 @@ HELDOUT_NAME = "distill/heldout.jsonl"
 RESULT_NAME = "distill/result.json"
 
 
-def tools() -> dict[str, str]:
-    return {"torch": tool_version("torch"), "transformers": tool_version("transformers"),
-            "shrinkserve_distill": DISTILL_FORMAT}
-
-
 # -- data ------------------------------------------------------------------------------------------------
 
 
 def _is_jsonl_records(path: Path) -> bool:
-    """Our stand-in JSONL (§3 field names): the first line has topk_ids."""
+    """Examples written by `write_examples` (JSONL with top-level `completion_ids`, not the older capture
+    JSONL's `teacher_topk`, which compression/traffic.py reads)."""
     if path.suffix != ".jsonl":
         return False
     with open(path, encoding="utf-8") as f:
         first = f.readline()
     try:
-        return "topk_ids" in json.loads(first)
+        row = json.loads(first)
     except ValueError:
         return False
+    return isinstance(row, dict) and "completion_ids" in row and "teacher_topk" not in row
 
 
 def _files(paths: Sequence[Path]) -> list[Path]:
     out = []
     for p in paths:
         p = Path(p).expanduser()
-        out.extend(sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p])
+        out.extend(traffic.capture_files([p]) if p.is_dir() else [p])
     return out
 
 
 def read_records(paths: Sequence[Path]) -> Iterator[Any]:
-    """Records of the given files/directories: our JSONL, else whatever compression/traffic.py reads
-    (its capture segments and the old server/traffic_log.py JSONL)."""
+    """Records of the given files/directories: capture segments and the older capture JSONL
+    (compression/traffic.py), and example JSONL written by `write_examples` (tests, held-out splits)."""
     for path in _files(paths):
         if _is_jsonl_records(path):
             yield from read_jsonl_records([path])
-            continue
-        try:
-            from shrinkserve.compression import traffic  # the capture branch's reader
-        except ImportError:
-            yield from read_jsonl_records([path])  # old traffic_log JSONL: the adapter reads its layout
-            continue
-        yield from traffic.read_records([path])  # type: ignore[attr-defined]
+        else:
+            yield from traffic.read_records([path])
 
 
 def load_split(
@@ -145,11 +134,7 @@ def summary(extra: dict[str, Any]) -> str:
 
 
 def teacher_data_generator() -> str:
-    """Which generator makes synthetic teacher data here (part of the data step's key: they sample differently)."""
-    try:
-        import shrinkserve.compression.synthetic  # noqa: F401  (the capture branch's generator)
-    except ImportError:
-        return "distill.teacher_data/1"
+    """Which generator makes synthetic teacher data (part of the data step's key: generators sample differently)."""
     return "synthetic/" + tool_version("shrinkserve")
 
 
@@ -157,54 +142,15 @@ def generate_synthetic(
     teacher_dir: Path, syn: SyntheticData, out_dir: Path, *, teacher_name: str, teacher_key: str | None,
     threads: int | None = None, progress: bool = True,
 ) -> dict[str, Any]:
-    """Teacher answers to the prompts file → capture records in `out_dir/records/`.
+    """Teacher answers to the prompts file → capture records in `out_dir/records/` (compression/synthetic.py)."""
+    from shrinkserve.compression.synthetic import SyntheticConfig, generate_teacher_data, load_prompts
 
-    Uses compression/synthetic.py (capture format) when it is installed, else the stand-in in
-    teacher_data.py (JSONL with the same fields); `read_records` reads both.
-    """
-    records_dir = out_dir / RECORDS_DIR
-    try:
-        from shrinkserve.compression.synthetic import SyntheticConfig, generate_teacher_data, load_prompts
-    except ImportError:
-        return _generate_standin(teacher_dir, syn, records_dir, teacher_name=teacher_name, teacher_key=teacher_key,
-                                 threads=threads, progress=progress)
     config = SyntheticConfig(temperature=syn.temperature, top_p=syn.top_p, max_tokens=syn.max_tokens, seed=syn.seed,
                              top_k=syn.top_k, threads=threads)
-    report = generate_teacher_data(teacher_dir, load_prompts(syn.prompts.expanduser()), records_dir, config,
-                                   profile=teacher_name, artifact_key=teacher_key, source=f"distill:{syn.prompts.name}",
-                                   progress=progress)
+    report = generate_teacher_data(teacher_dir, load_prompts(syn.prompts.expanduser()), out_dir / RECORDS_DIR,
+                                   config, profile=teacher_name, artifact_key=teacher_key,
+                                   source=f"distill:{syn.prompts.name}", progress=progress)
     return {"records": report.records, "tokens": report.tokens, "generator": teacher_data_generator()}
-
-
-def _generate_standin(
-    teacher_dir: Path, syn: SyntheticData, records_dir: Path, *, teacher_name: str, teacher_key: str | None,
-    threads: int | None, progress: bool,
-) -> dict[str, Any]:
-    import torch
-    from tqdm.auto import tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from shrinkserve.compression.distill.teacher_data import (
-        SamplingConfig,
-        generate_records,
-        read_prompts,
-        teacher_identity,
-    )
-
-    if threads:
-        torch.set_num_threads(threads)
-    prompts = read_prompts(syn.prompts.expanduser())
-    tok = AutoTokenizer.from_pretrained(teacher_dir)
-    model = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
-    sampling = SamplingConfig(max_new_tokens=syn.max_tokens, temperature=syn.temperature, top_p=syn.top_p,
-                              top_k_keep=syn.top_k, seed=syn.seed)
-    teacher = teacher_identity(teacher_dir, profile=teacher_name, artifact_key=teacher_key,
-                               vocab_size=int(model.config.vocab_size))
-    with tqdm(total=len(prompts), desc="teacher data", unit="prompt", disable=not progress) as bar:
-        records = generate_records(model, tok, prompts, sampling, teacher=teacher, progress=bar.update)
-    write_jsonl_records(records, records_dir / "records.jsonl")
-    return {"records": len(records), "tokens": sum(len(r["completion_ids"]) for r in records),
-            "generator": teacher_data_generator()}
 
 
 def prune_step(
@@ -264,75 +210,3 @@ def distill_step(
         "heldout_best": result.best_eval, "best_step": result.best_step, "prune": prune,
         "parameters": sum(p.numel() for p in student.parameters()),
     }
-
-
-# -- the chain through the cache ----------------------------------------------------------------------------
-
-
-def plan_data(opts: DistillOptions, teacher_key: str, teacher_name: str) -> Planned | None:
-    syn = opts.data.synthetic
-    if syn is None:
-        return None
-    recipe = {"kind": "teacher-data", "prompts_sha256": hash_path(syn.prompts.expanduser().resolve()),
-              **syn.model_dump(exclude={"prompts"})}
-    return Planned(f"{teacher_name}/teacher-data", recipe, {"teacher": teacher_key},
-                   {**tools(), "generator": teacher_data_generator()})
-
-
-def data_identity(opts: DistillOptions, data_plan: Planned | None) -> dict[str, str]:
-    """Every data input by name → its identity (cache key or content hash): the data digest of the keys."""
-    ids = {f"capture{i}": hash_path(Path(p).expanduser().resolve()) for i, p in enumerate(opts.data.capture)}
-    if data_plan is not None:
-        ids["synthetic"] = data_plan.key
-    return ids
-
-
-def plan_init(opts: DistillOptions, teacher_key: str, teacher_name: str, data: dict[str, str]) -> Planned:
-    recipe = {"kind": "prune", **opts.student.model_dump(), "max_len": opts.optimizer.max_len,
-              "heldout_fraction": opts.data.heldout_fraction, "max_examples": opts.data.max_examples,
-              "seed": opts.seed}
-    return Planned(f"{teacher_name}/student-init", recipe, {"teacher": teacher_key, **data}, tools())
-
-
-def plan_student(opts: DistillOptions, teacher_key: str, teacher_name: str, data: dict[str, str],
-                 init_key: str) -> Planned:
-    return Planned(f"{teacher_name}/distill-{opts.loss.kind}", {"kind": "distill", **opts.key_dump()},
-                   {"teacher": teacher_key, "student_init": init_key, **data}, tools())
-
-
-def plan(opts: DistillOptions, teacher_key: str, teacher_name: str) -> tuple[Planned | None, Planned, Planned]:
-    """(teacher-data or None, student-init, student): identities before anything is built."""
-    data_plan = plan_data(opts, teacher_key, teacher_name)
-    data = data_identity(opts, data_plan)
-    init = plan_init(opts, teacher_key, teacher_name, data)
-    return data_plan, init, plan_student(opts, teacher_key, teacher_name, data, init.key)
-
-
-def run_dir_for(cache: ArtifactCache, key: str) -> Path:
-    """Where a student's training checkpoints live while it trains (removed once its artifact exists)."""
-    return cache.root / "distill-runs" / key
-
-
-def build_student(
-    cache: ArtifactCache, opts: DistillOptions, teacher_dir: Path, *, teacher_key: str, teacher_name: str,
-    threads: int | None = None, progress: bool = True, on_event: Callable[[str], None] | None = None,
-) -> tuple[Artifact, bool]:
-    """Find or build the student (and its upstream steps) through the cache; returns (artifact, cache hit)."""
-    data_plan, init_plan, student_plan = plan(opts, teacher_key, teacher_name)
-    data_paths = [Path(p).expanduser() for p in opts.data.capture]
-    if data_plan is not None:
-        syn = opts.data.synthetic
-        assert syn is not None
-        data_art, _ = data_plan.get_or_build(cache, lambda out: generate_synthetic(
-            teacher_dir, syn, out, teacher_name=teacher_name, teacher_key=teacher_key, threads=threads,
-            progress=progress))
-        data_paths.append(data_art.path / RECORDS_DIR)
-    init_art, _ = init_plan.get_or_build(cache, lambda out: prune_step(
-        teacher_dir, data_paths, opts, out, threads=threads, progress=progress))
-    run_dir = run_dir_for(cache, student_plan.key)
-    art, hit = student_plan.get_or_build(cache, lambda out: distill_step(
-        teacher_dir, init_art.path, data_paths, opts, out, run_dir, threads=threads, progress=progress), on_event)
-    if run_dir.exists():  # the artifact is in place: its checkpoints are no longer needed
-        shutil.rmtree(run_dir, ignore_errors=True)
-    return art, hit
-

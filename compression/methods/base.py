@@ -89,6 +89,9 @@ class BuildJob:
     out: Path  # empty directory; becomes the artifact atomically once build returns
     threads: int
     progress: ProgressFactory = tqdm_progress
+    # A stable directory of this artifact's key (cache.work_dir; not created): state a build must find again
+    # after being killed (training checkpoints). Removed by the cache once the artifact exists.
+    work_dir: Path | None = None
 
 
 @dataclass(eq=False)
@@ -195,6 +198,12 @@ class MethodHandler(ABC):
     tool_constants: ClassVar[Mapping[str, str]] = {}  # format versions of our own code that join the key
     variant_field: ClassVar[str | None] = None  # `family:<variant>` sets this option (gguf:q8_0 → type)
     variants: ClassVar[tuple[str, ...]] = ()  # the variants accepted in a method string
+    # How a profile of this method loads when its YAML does not say (`load:`); a method whose build takes
+    # long (distill: training) defaults to lazy, so a server does not wait on it at start-up.
+    default_load: ClassVar[Literal["eager", "lazy"]] = "eager"
+    # Whether the method's output keeps held-out traffic of its own (distill: the split it never trained
+    # on), which evaluation scores the profile on against its teacher (`record["traffic"]`).
+    heldout_traffic: ClassVar[bool] = False
 
     # ---------------------------------------------------------------- naming
     def method_names(self) -> list[str]:

@@ -34,9 +34,10 @@ async def counted(svc: Services, profile_hint: str | None, call: Callable[[], Aw
     return result
 
 
-def _capture_top_k(svc: Services, profile: str) -> int:
-    capture = svc.settings.capture
-    return capture.top_k if svc.registry.capture.traffic.wants(profile) else 0
+def _capture(svc: Services, profile: str, http: Request) -> dict[str, Any]:
+    """Whether (and with how many logprobs per token) this request is captured, and the route it came on."""
+    route = http.url.path
+    return {"capture_top_k": svc.registry.capture.top_k(profile, route), "route": route}
 
 
 def router(svc: Services, forced: str | None) -> APIRouter:
@@ -48,7 +49,7 @@ def router(svc: Services, forced: str | None) -> APIRouter:
             t_arrival = time.perf_counter()
             rt = await ready_profile(svc.registry, forced, req.model)
             prepared = completions.prepare(rt, req, t_arrival)
-            job = await unless_disconnected(http, base.start(prepared, svc.metrics, _capture_top_k(svc, rt.name)))
+            job = await unless_disconnected(http, base.start(prepared, svc.metrics, **_capture(svc, rt.name, http)))
             if req.stream:
                 return StreamingResponse(sse_events(completions.chunks(req, job)), media_type="text/event-stream",
                                          headers=SSE_HEADERS)
@@ -62,7 +63,7 @@ def router(svc: Services, forced: str | None) -> APIRouter:
             t_arrival = time.perf_counter()
             rt = await ready_profile(svc.registry, forced, req.model)
             prepared = chat.prepare(rt, req, t_arrival)
-            job = await unless_disconnected(http, base.start(prepared, svc.metrics, _capture_top_k(svc, rt.name)))
+            job = await unless_disconnected(http, base.start(prepared, svc.metrics, **_capture(svc, rt.name, http)))
             if req.stream:
                 return StreamingResponse(sse_events(chat.chunks(req, job)), media_type="text/event-stream",
                                          headers=SSE_HEADERS)

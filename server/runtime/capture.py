@@ -1,9 +1,14 @@
-"""Traffic capture as a core observer: each finished generation goes to the capture writer off the scheduler thread.
+"""Traffic capture as a core observer: each finished generation becomes a capture record (compression/traffic.py),
+written off the scheduler thread.
 
 The core hands a `FinishedGeneration` to its observers from its scheduler thread; writing a file there
-would stall every sequence of the batch, so `CaptureObserver` only queues the record and one writer
-thread appends it. The writer is today's JSONL `TrafficLog` (server/traffic_log.py); the adapter is the
-only place that knows its format.
+would stall every sequence of the batch, so `CaptureObserver` only queues it and one writer thread turns it
+into a `CaptureRecord` (with the profile's teacher identity, computed once when the profile loads) and
+appends it to the `CaptureWriter`'s current segment.
+
+Who is captured is the writer's rule (`CaptureWriter.wants`): profiles listed in `capture.profiles`, else
+those marked `is_teacher: true`; a profile's `capture: false` and `capture.exclude_routes` opt out. The
+route a request came on travels with it (GenerationRequest.route → FinishedGeneration.route).
 """
 
 from __future__ import annotations
@@ -11,61 +16,76 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from collections.abc import Mapping
+from typing import Any
 
+from shrinkserve.compression.traffic import (
+    CaptureSettings,
+    CaptureWriter,
+    TeacherIdentity,
+    record_from_finished,
+    served_teacher,
+)
 from shrinkserve.server.engines.base import Tokenizer
 from shrinkserve.server.runtime.types import FinishedGeneration
-from shrinkserve.server.traffic_log import TrafficLog
 
 log = logging.getLogger("shrinkserve.capture")
 
 
 class CaptureQueue:
-    """Finished generations queued to one thread that appends them to the traffic log, in the order they finished."""
+    """Finished generations queued to one thread that writes them as capture records, in the order they finished."""
 
-    def __init__(self, traffic: TrafficLog) -> None:
-        self.traffic = traffic
-        self._queue: queue.SimpleQueue[tuple[FinishedGeneration, Tokenizer] | None] = queue.SimpleQueue()
+    def __init__(self, settings: CaptureSettings, profiles: Mapping[str, Any]) -> None:
+        self.settings = settings
+        self.writer = CaptureWriter(settings, profiles)
+        self._queue: queue.SimpleQueue[tuple[FinishedGeneration, TeacherIdentity] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
 
-    def observer(self, profile: str, tokenizer: Tokenizer) -> CaptureObserver | None:
-        return CaptureObserver(self, tokenizer) if self.traffic.wants(profile) else None
+    def top_k(self, profile: str, route: str | None) -> int:
+        """How many teacher logprobs a request of `profile` on `route` keeps per token (0: not captured)."""
+        return self.settings.top_k if self.writer.wants(profile, route) else 0
 
-    def put(self, fin: FinishedGeneration, tokenizer: Tokenizer) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="capture-writer", daemon=True)
-            self._thread.start()
-        self._queue.put((fin, tokenizer))
+    def observer(self, profile: str, tokenizer: Tokenizer, built: Any) -> CaptureObserver | None:
+        """The profile's observer, or None when it is never captured. `built` is its BuiltProfile: the artifact
+        key (or the content hash of a source served as is) names the teacher in every record."""
+        if not self.writer.wants(profile):
+            return None
+        teacher = served_teacher(profile, built, token_bytes=tokenizer.token_bytes, vocab_size=tokenizer.vocab_size,
+                                 eos_token_ids=tokenizer.eos_token_ids, chat_template=tokenizer.chat_template)
+        return CaptureObserver(self, teacher)
+
+    def put(self, fin: FinishedGeneration, teacher: TeacherIdentity) -> None:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="capture-writer", daemon=True)
+                self._thread.start()
+        self._queue.put((fin, teacher))
 
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
-            fin, tok = item
+            fin, teacher = item
             try:
-                write(self.traffic, fin, tok)
-            except Exception:  # a full disk must not take serving down
+                self.writer.record(record_from_finished(fin, teacher, route=fin.route))
+            except Exception:  # a malformed generation must not stop the writer (the writer never raises on I/O)
                 log.exception("capturing a generation of %s failed", fin.profile)
 
     def close(self) -> None:
-        """Write what is queued, then stop."""
-        if self._thread is not None:
+        """Write what is queued, then close the current segment (after the cores stopped producing)."""
+        with self._lock:
+            thread, self._thread = self._thread, None
+        if thread is not None:
             self._queue.put(None)
-            self._thread.join()
-            self._thread = None
+            thread.join()
+        self.writer.close()
 
 
 class CaptureObserver:
-    def __init__(self, writer: CaptureQueue, tokenizer: Tokenizer) -> None:
-        self.writer = writer
-        self.tokenizer = tokenizer
+    def __init__(self, capture: CaptureQueue, teacher: TeacherIdentity) -> None:
+        self.capture = capture
+        self.teacher = teacher
 
     def __call__(self, fin: FinishedGeneration) -> None:
-        self.writer.put(fin, self.tokenizer)
-
-
-def write(traffic: TrafficLog, fin: FinishedGeneration, tok: Tokenizer) -> None:
-    """The JSONL record of server/traffic_log.py: completion without the final EOS, as the API reported it."""
-    ids, topk = fin.completion_ids, fin.topk
-    if fin.finish_reason == "stop" and ids and ids[-1] in tok.eos_token_ids and not fin.params.ignore_eos:
-        ids, topk = ids[:-1], topk[:-1]
-    traffic.record(profile=fin.profile, prompt_ids=list(fin.prompt_ids), prompt_text=tok.detokenize(fin.prompt_ids),
-                   completion_ids=list(ids), completion_text=tok.detokenize(ids), finish_reason=fin.finish_reason,
-                   teacher=topk)
+        # The route's opt-out is checked here too: the core records every generation of a captured profile.
+        if fin.completion_ids and self.capture.writer.wants(fin.profile, fin.route):
+            self.capture.put(fin, self.teacher)

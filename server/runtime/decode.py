@@ -184,4 +184,4 @@ class DecodeState:
         return FinishedGeneration(profile=profile, prompt_ids=list(self.req.prompt_ids),
                                   completion_ids=list(self.generated), finish_reason=self.finish_reason,
                                   params=self.params, sampled_logprobs=list(self.sampled_logprobs),
-                                  topk=list(self.topk))
+                                  topk=list(self.topk), route=self.req.route)

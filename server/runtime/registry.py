@@ -25,7 +25,6 @@ from shrinkserve.server.runtime.core import EngineCore
 from shrinkserve.server.runtime.metrics import Metrics
 from shrinkserve.server.runtime.types import CoreStats
 from shrinkserve.server.settings import ResolvedServing, Settings
-from shrinkserve.server.traffic_log import TrafficLog
 
 log = logging.getLogger("shrinkserve.registry")
 
@@ -97,7 +96,7 @@ def make_core(rt: ProfileRuntime, engine: Engine, metrics: Metrics, capture: Cap
     else:
         capacity = ctx
         kv_tokens = s.kv_cache_tokens or seqs * ctx
-    observer = capture.observer(rt.name, engine)
+    observer = capture.observer(rt.name, engine, rt.built)
     return BatchingCore(
         rt.name, engine, max_seqs=seqs, slot_capacity=capacity, kv_tokens=kv_tokens, max_queue=s.max_queue,
         observers=[observer] if observer else [],
@@ -122,8 +121,9 @@ class Registry:
         for name in self.profiles:
             metrics.declare(name)
         metrics.core_gauges.source = self.stats
-        self.capture = CaptureQueue(TrafficLog(settings.capture))
-        self.evaluator = Evaluator(self.builder, settings.evaluation.evalset(), settings.threads)
+        self.capture = CaptureQueue(settings.capture, settings.profiles)
+        self.evaluator = Evaluator(self.builder, settings.evaluation.evalset(), settings.threads,
+                                   traffic_tokens=settings.evaluation.traffic_tokens)
         # Loading is measured by RSS deltas, so loads must not overlap.
         self._load_lock = threading.Lock()
         self._closed = False

@@ -51,6 +51,7 @@ class GenerationRequest:
     capture_top_k: int = 0  # keep each generated token's top-k for the capture observers
     processors: tuple[LogitsProcessor, ...] = ()
     constraint: TokenConstraint | None = None
+    route: str | None = None  # the URL path the request came on (capture's per-route opt-out)
 
     @property
     def max_total_tokens(self) -> int:
@@ -91,6 +92,7 @@ class FinishedGeneration:
     params: SamplingParams
     sampled_logprobs: list[float]  # each sampled token's logprob under the raw distribution
     topk: list[list[tuple[int, float]]]  # per completion token: capture_top_k (id, logprob), best first
+    route: str | None = None  # GenerationRequest.route
 
 
 @dataclass(frozen=True)

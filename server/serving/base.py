@@ -114,8 +114,9 @@ def usage(prompt: int, completion: int) -> P.Usage:
 # ---------------------------------------------------------------- admission and generation
 
 
-async def start(prepared: Prepared, metrics: Metrics, capture_top_k: int = 0) -> Run:
-    """Admit the request with the profile's core; raises APIError 429 / 503 / 400 before any response."""
+async def start(prepared: Prepared, metrics: Metrics, capture_top_k: int = 0, route: str | None = None) -> Run:
+    """Admit the request with the profile's core; raises APIError 429 / 503 / 400 before any response.
+    `capture_top_k` > 0: the generation is captured (with the route it came on)."""
     core = prepared.rt.core
     if core is None:
         raise APIError(503, f"profile {prepared.rt.name!r} is not loaded", code="profile_not_ready",
@@ -132,7 +133,7 @@ async def start(prepared: Prepared, metrics: Metrics, capture_top_k: int = 0) ->
     except NeverFits as exc:
         raise bad_request(str(exc), param="max_tokens", code="context_length_exceeded") from exc
     for r in prepared.requests:
-        r.capture_top_k = capture_top_k
+        r.capture_top_k, r.route = capture_top_k, route
     return Run(prepared, ticket, metrics)
 
 
