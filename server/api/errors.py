@@ -93,21 +93,32 @@ _LOGGED_UNKNOWN: set[str] = set()
 _LOGGED_LOCK = threading.Lock()
 
 
+# Discriminated unions add the tag of the member to the location: a role after a message index, a type
+# after a content-part index or after `response_format` / `text.format`.
+_ITEM_TAGS = frozenset({"system", "developer", "user", "assistant", "tool", "message", "function_call",
+                        "function_call_output", "input_text", "output_text"})
+_FORMAT_TAGS = frozenset({"text", "json_object", "json_schema"})
+_TAGGED_FIELDS = frozenset({"response_format", "format"})
+
+
 def param_path(loc: Sequence[Any]) -> str | None:
-    """`("messages", 0, "content")` → `messages[0].content`, without pydantic's union-member tags."""
+    """`("messages", 0, "user", "content")` → `messages[0].content`, without pydantic's union-member tags."""
     out: list[str] = []
-    last: str | None = None
+    prev: Any = None
     for part in loc:
         if part == "body":
             continue
         if isinstance(part, int):
             out.append(f"[{part}]")
+            prev = part
             continue
         s = str(part)
-        if s in _SCALAR_TAGS or "[" in s or "(" in s or s[:1].isupper() or s == last:
-            continue  # a union member's tag (a discriminator value repeats the field that follows it)
+        tag = (s in _ITEM_TAGS and isinstance(prev, int)) or (s in _FORMAT_TAGS and prev in _TAGGED_FIELDS)
+        if tag or s in _SCALAR_TAGS or "[" in s or "(" in s or s[:1].isupper():
+            prev = None if tag else prev
+            continue  # a union member's tag, not a field
         out.append(("." if out else "") + s)
-        last = s
+        prev = s
     return "".join(out) or None
 
 

@@ -16,7 +16,11 @@ from shrinkserve.server.api.protocol import ErrorResponse
 
 STREAMING = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
 GENERATING = STREAMING
-SSE = {"text/event-stream": {"schema": {"type": "string", "description": "Server-Sent Events"}}}
+# OpenAPI before 3.2: the schema of an event-stream media type describes ONE event (as SSE parsers read it).
+SSE = {"text/event-stream": {"schema": {
+    "type": "object", "description": "one Server-Sent Event: `data` is a JSON chunk (or `[DONE]` for chat and "
+    "completions); Responses events also name their type in `event`",
+    "properties": {"event": {"type": "string"}, "data": {"type": "string"}}, "required": ["data"]}}}
 
 _ERRORS = {
     "400": "Invalid request: a bad or unsupported parameter (named in error.param), malformed JSON, or a prompt "

@@ -20,6 +20,7 @@ from pydantic import (
     Discriminator,
     Field,
     Tag,
+    TypeAdapter,
     ValidationInfo,
     ValidatorFunctionWrapHandler,
     field_validator,
@@ -323,22 +324,12 @@ class ToolCall(Strict):
     function: ToolCallFunction
 
 
-class ChatMessage(Strict):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+class _Message(Strict):
+    """What every chat message has; one model per role below (OpenAI's own split), so the schema says
+    which fields go with which role."""
+
     content: str | list[TextPart] | None = None
     name: str | None = None  # metadata: the models' templates have no slot for a participant name
-    tool_calls: list[ToolCall] | None = None  # assistant turns that called tools
-    tool_call_id: str | None = None  # tool turns: the call they answer
-    # what an assistant message of a response carries when a client sends it back as history
-    refusal: None = None
-    annotations: list[Any] | None = None
-    audio: None = None
-    function_call: None = None
-
-    UNSUPPORTED: ClassVar[dict[str, str]] = {
-        "refusal": "no refusal messages", "audio": "no audio", "function_call": "use tool_calls",
-    }
-    check_unsupported_message = _unsupported(UNSUPPORTED)
 
     @field_validator("content", mode="before")
     @classmethod
@@ -350,16 +341,6 @@ class ChatMessage(Strict):
                     raise ValueError(f"content[{j}]: only text content parts are supported, not {kind!r}")
         return v
 
-    @model_validator(mode="after")
-    def _role_fields(self) -> ChatMessage:
-        if self.tool_calls is not None and self.role != "assistant":
-            raise ValueError("tool_calls are only allowed on assistant messages")
-        if self.role == "tool" and not self.tool_call_id:
-            raise ValueError("a tool message needs tool_call_id")
-        if self.tool_call_id is not None and self.role != "tool":
-            raise ValueError("tool_call_id is only allowed on tool messages")
-        return self
-
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(part.text for part in self.content)
@@ -368,6 +349,57 @@ class ChatMessage(Strict):
     def as_openai(self) -> dict[str, Any]:
         """The message as a plain OpenAI dict (what serving/tools.py renders)."""
         return self.model_dump(exclude_none=True, include={"role", "content", "name", "tool_calls", "tool_call_id"})
+
+    @property
+    def calls(self) -> list[ToolCall]:
+        """The tool calls of an assistant turn (none for other roles)."""
+        return getattr(self, "tool_calls", None) or []
+
+
+class SystemMessage(_Message):
+    role: Literal["system"]
+    content: str | list[TextPart]
+
+
+class DeveloperMessage(_Message):
+    role: Literal["developer"]
+    content: str | list[TextPart]
+
+
+class UserMessage(_Message):
+    role: Literal["user"]
+    content: str | list[TextPart]
+
+
+class AssistantTurn(_Message):
+    role: Literal["assistant"]
+    tool_calls: list[ToolCall] | None = None
+    # what an assistant message of a response carries when a client sends it back as history
+    refusal: None = None
+    annotations: list[Any] | None = None
+    audio: None = None
+    function_call: None = None
+
+    UNSUPPORTED: ClassVar[dict[str, str]] = {
+        "refusal": "no refusal messages", "audio": "no audio", "function_call": "use tool_calls",
+    }
+    check_unsupported_message = _unsupported(UNSUPPORTED)
+
+
+class ToolMessage(_Message):
+    role: Literal["tool"]
+    content: str | list[TextPart]
+    tool_call_id: str
+
+
+ChatMessage = Annotated[SystemMessage | DeveloperMessage | UserMessage | AssistantTurn | ToolMessage,
+                        Field(discriminator="role")]
+_CHAT_MESSAGE: TypeAdapter[Any] = TypeAdapter(ChatMessage)
+
+
+def chat_message(**fields: Any) -> _Message:
+    """One chat message from its fields (the role picks the type)."""
+    return _CHAT_MESSAGE.validate_python(fields)
 
 
 class ChatCompletionRequest(_SamplingRequest):
@@ -489,7 +521,7 @@ _ITEM_TYPES = {"message", "function_call", "function_call_output"}
 
 def _item_kind(v: Any) -> str | None:
     kind = v.get("type", "message") if isinstance(v, dict) else getattr(v, "type", None) or "message"
-    return kind if kind in _ITEM_TYPES else None
+    return kind if isinstance(kind, str) and kind in _ITEM_TYPES else None
 
 
 InputItem = Annotated[
@@ -621,7 +653,7 @@ class ResponsesRequest(RequestBody):
         if isinstance(v, list):
             for i, item in enumerate(v):
                 kind = item.get("type", "message") if isinstance(item, dict) else None
-                if kind not in _ITEM_TYPES:
+                if not isinstance(kind, str) or kind not in _ITEM_TYPES:
                     raise ValueError(f"input[{i}]: item type {kind!r} is not supported (message, function_call "
                                      "and function_call_output are; the server keeps no state)")
         return v

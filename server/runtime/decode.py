@@ -141,6 +141,9 @@ class DecodeState:
             logits = row.astype(np.float32, copy=True)
             for proc in self.processors:
                 logits = proc(logits, self.generated)
+            # Extreme penalties overflow (a logit divided by a repetition_penalty of 1e-300): NaN would make
+            # the draw pick an arbitrary (even a masked) token, +inf would poison the softmax.
+            np.nan_to_num(logits, copy=False, nan=-np.inf, posinf=np.finfo(np.float32).max, neginf=-np.inf)
         constraint = self.req.constraint
         if constraint is not None:
             mask = constraint.allowed()
@@ -148,6 +151,8 @@ class DecodeState:
                 if not mask.any():
                     return None
                 logits = np.where(mask, logits, -np.inf).astype(np.float32, copy=False)
+                if logits.max() == -np.inf:  # every allowed token was pushed to -inf: choose among them
+                    logits = np.where(mask, 0.0, -np.inf).astype(np.float32)
         return self.sampler(logits)
 
     def advance(self, row: np.ndarray) -> tuple[Step, int | None]:

@@ -36,7 +36,7 @@ from shrinkserve.server.serving.sse import TextChunks, sse_data
 from shrinkserve.server.serving.structured import compile_constraint, structure_of
 
 
-def render_chat(tok: Tokenizer, messages: list[P.ChatMessage]) -> str:
+def render_chat(tok: Tokenizer, messages: list[P._Message]) -> str:
     """Messages → prompt text through the model's own chat template (transformers' Jinja renderer)."""
     from jinja2 import TemplateError
     from transformers.utils.chat_template_utils import render_jinja_template
@@ -63,9 +63,9 @@ def tool_setup(req_tools: list[P.ToolDefinition] | None, tool_choice: P.ToolChoi
     return T.parse_tool_choice(raw, specs, parallel)
 
 
-def render_prompt(tok: Tokenizer, messages: list[P.ChatMessage], choice: T.ToolChoice) -> str:
+def render_prompt(tok: Tokenizer, messages: list[P._Message], choice: T.ToolChoice) -> str:
     """The prompt text: the plain template path unless tools or tool turns are involved."""
-    if not choice.tools and not any(m.tool_calls or m.role == "tool" for m in messages):
+    if not choice.tools and not any(m.calls or m.role == "tool" for m in messages):
         return render_chat(tok, messages)
     if not tok.chat_template:
         raise bad_request("this profile's model has no chat template; use /v1/completions", param="messages")

@@ -35,25 +35,23 @@ def _id(prefix: str) -> str:
 # ----------------------------------------------------------------------------- request → chat
 
 
-def _messages(req: P.ResponsesRequest) -> list[P.ChatMessage]:
-    out: list[P.ChatMessage] = []
+def _messages(req: P.ResponsesRequest) -> list[P._Message]:
+    out: list[P._Message] = []
     if req.instructions:
-        out.append(P.ChatMessage(role="system", content=req.instructions))
+        out.append(P.SystemMessage(role="system", content=req.instructions))
     items = [P.MessageItem(role="user", content=req.input)] if isinstance(req.input, str) else req.input
     for item in items:
         if isinstance(item, P.MessageItem):
-            out.append(P.ChatMessage(role=item.role, content=item.text()))
+            out.append(P.chat_message(role=item.role, content=item.text()))
         elif isinstance(item, P.FunctionCallItem):
             call = P.ToolCall(id=item.call_id, function=P.ToolCallFunction(name=item.name, arguments=item.arguments))
             last = out[-1] if out else None
-            if last is not None and last.role == "assistant" and last.tool_calls is not None:
-                last.tool_calls.append(call)  # parallel calls: one assistant turn
-            elif last is not None and last.role == "assistant" and not last.tool_calls:
-                last.tool_calls = [call]  # text then calls in one answer
+            if isinstance(last, P.AssistantTurn):
+                last.tool_calls = [*(last.tool_calls or []), call]  # parallel calls, or text then calls: one turn
             else:
-                out.append(P.ChatMessage(role="assistant", content=None, tool_calls=[call]))
+                out.append(P.AssistantTurn(role="assistant", content=None, tool_calls=[call]))
         else:
-            out.append(P.ChatMessage(role="tool", content=item.text(), tool_call_id=item.call_id))
+            out.append(P.ToolMessage(role="tool", content=item.text(), tool_call_id=item.call_id))
     if not out:
         raise bad_request("input is empty: give at least one message", param="input")
     return out

@@ -1,0 +1,28 @@
+"""schemathesis hooks for the conformance run (tests/test_api_schemathesis.py): every generated request
+asks for at most a few tokens, so a case costs milliseconds, not a full-context generation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import schemathesis
+
+MAX_TOKENS = 4
+
+
+@schemathesis.hook
+def before_call(context: Any, case: Any, kwargs: dict[str, Any]) -> None:
+    body = case.body
+    if not isinstance(body, dict):
+        return
+    path = case.operation.path
+    if path.endswith("/responses"):
+        keys = ("max_output_tokens",)
+    elif path.endswith("/completions"):
+        keys = ("max_tokens", "max_completion_tokens")
+    else:
+        return
+    for key in keys:
+        value = body.get(key)
+        if value is None or (isinstance(value, int) and not isinstance(value, bool) and value > MAX_TOKENS):
+            body[key] = MAX_TOKENS
