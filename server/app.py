@@ -45,7 +45,7 @@ def create_app(settings: Settings) -> FastAPI:
     for module in (openai, models, tokenizer):
         module.attach_router(app, svc)
     admin.attach_router(app, svc)
-    install_openapi(app, auth=auth.enabled)
+    install_openapi(app, auth=auth.enabled, models=list(settings.profiles))
     return app
 
 

@@ -151,9 +151,10 @@ def validation_error(errors: Sequence[Mapping[str, Any]]) -> APIError:
     kind = err.get("type")
     if kind == "json_invalid":
         return bad_request("request body is not valid JSON")
-    param = param_path(err.get("loc", ()))
+    loc = tuple(err.get("loc", ()))
+    param = param_path(loc)
     if kind == "extra_forbidden":
-        assert param is not None
+        param = param if param is not None else str(loc[-1] if loc else "")
         _log_unknown_once(param)
         return bad_request(f"unknown parameter {param!r}: shrinkserve does not implement it (see "
                            "docs/openai-fields.md)", param=param, code="unknown_parameter")

@@ -52,7 +52,34 @@ def _statuses(path: str, method: str, has_model: bool, auth: bool) -> list[str]:
     return codes
 
 
-def install_openapi(app: FastAPI, *, auth: bool) -> None:
+MODEL_FIELDS = ("ChatCompletionRequest", "CompletionRequest", "ResponsesRequest", "TokenizeRequest",
+                "DetokenizeRequest")
+
+
+def _enum_models(doc: dict[str, Any], models: list[str]) -> None:
+    """`model` can only name a configured profile (anything else is a 404): say so in the schema."""
+    schemas = doc["components"]["schemas"]
+    for name in MODEL_FIELDS:
+        prop = schemas.get(name, {}).get("properties", {}).get("model")
+        if prop is None:
+            continue
+        if "anyOf" in prop:  # optional: a profile or null
+            prop["anyOf"] = [{"type": "string", "enum": models}, {"type": "null"}]
+        else:
+            prop.update({"type": "string", "enum": models})
+            prop.pop("minLength", None)
+    for ops in doc["paths"].values():
+        for op in ops.values():
+            for param in op.get("parameters", []):
+                if param.get("name") in ("model", "model_id"):
+                    schema = param["schema"]
+                    if "anyOf" in schema:
+                        schema["anyOf"] = [{"type": "string", "enum": models}, {"type": "null"}]
+                    else:
+                        schema.update({"type": "string", "enum": models})
+
+
+def install_openapi(app: FastAPI, *, auth: bool, models: list[str] | None = None) -> None:
     def build() -> dict[str, Any]:
         if app.openapi_schema:
             return app.openapi_schema
@@ -62,6 +89,8 @@ def install_openapi(app: FastAPI, *, auth: bool) -> None:
             schemas.pop(name, None)
         _, defs = models_json_schema([(ErrorResponse, "serialization")], ref_template="#/components/schemas/{model}")
         schemas.update(defs.get("$defs", {}))
+        if models:
+            _enum_models(doc, models)
         if auth:
             doc["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
         for path, ops in doc["paths"].items():

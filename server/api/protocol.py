@@ -104,6 +104,7 @@ def _unsupported(reasons: dict[str, str]) -> Any:
 NonEmptyStr = Annotated[str, Field(min_length=1)]
 TokenIdKey = Annotated[str, Field(pattern=r"^[0-9]{1,9}$")]  # logit_bias keys: token ids in decimal
 Bias = Annotated[float, Field(ge=-100, le=100)]
+TokenId = Annotated[int, Field(ge=0)]
 MAX_N = 16  # choices per prompt; admission still bounds how many run at once
 
 
@@ -274,7 +275,10 @@ class _SamplingRequest(RequestBody):
 
 
 class CompletionRequest(_SamplingRequest):
-    prompt: str | list[str] | list[Annotated[int, Field(ge=0)]] | list[list[Annotated[int, Field(ge=0)]]]
+    # A prompt that is empty, or tokenizes to nothing, is a 400 (there is nothing to continue from).
+    prompt: (NonEmptyStr | Annotated[list[NonEmptyStr], Field(min_length=1)]
+             | Annotated[list[TokenId], Field(min_length=1)]
+             | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1)])
     echo: bool | None = False
     logprobs: int | None = Field(default=None, ge=0, le=20)
     suffix: Literal[""] | None = None
@@ -286,13 +290,14 @@ class CompletionRequest(_SamplingRequest):
     }
     check_unsupported_completion = _unsupported(UNSUPPORTED)
 
-    @field_validator("prompt")
+    @field_validator("prompt", mode="before")
     @classmethod
     def _non_empty(cls, v: Any) -> Any:
-        if isinstance(v, list) and not v:
-            raise ValueError("prompt must not be an empty list")
-        if isinstance(v, list) and any(isinstance(p, list) and not p for p in v):
-            raise ValueError("token prompts must not be empty")
+        # Said plainly here: the union's own errors would name a member type instead.
+        if v == "" or v == []:
+            raise ValueError("the prompt must not be empty")
+        if isinstance(v, list) and any(p == "" or p == [] for p in v):
+            raise ValueError("a prompt in the list is empty")
         return v
 
     def prompts(self) -> list[str | list[int]]:

@@ -16,13 +16,17 @@ def before_call(context: Any, case: Any, kwargs: dict[str, Any]) -> None:
     if not isinstance(body, dict):
         return
     path = case.operation.path
-    if path.endswith("/responses"):
+    if path.endswith("/v1/responses"):
         keys = ("max_output_tokens",)
-    elif path.endswith("/completions"):
-        keys = ("max_tokens", "max_completion_tokens")
+    elif path.endswith("/v1/chat/completions"):
+        keys = ("max_completion_tokens", "max_tokens")  # the first one set wins on the server
+    elif path.endswith("/v1/completions"):
+        keys = ("max_tokens",)
     else:
         return
+    if all(body.get(k) is None for k in keys):
+        body[keys[-1]] = MAX_TOKENS  # unset would mean "the rest of the context"
     for key in keys:
         value = body.get(key)
-        if value is None or (isinstance(value, int) and not isinstance(value, bool) and value > MAX_TOKENS):
+        if isinstance(value, int) and not isinstance(value, bool) and value > MAX_TOKENS:
             body[key] = MAX_TOKENS
