@@ -195,7 +195,8 @@ class Penalties:
         if self._use_rep and self._n_rep:
             ids = self._rep_ids[: self._n_rep]
             sel = logits[ids]
-            logits[ids] = np.where(sel > 0, sel / self.repetition, sel * self.repetition)
+            with np.errstate(divide="ignore", over="ignore", invalid="ignore"):  # decode.py cleans inf/NaN
+                logits[ids] = np.where(sel > 0, sel / self.repetition, sel * self.repetition)
         if self._n_out and (self.frequency or self.presence):
             ids = self._out_ids[: self._n_out]
             logits[ids] -= self.frequency * self._counts[ids] + self.presence
