@@ -54,7 +54,7 @@ class ProfileStatus:
     method: str
     engine: str | None
     load: str
-    state: str  # cached | missing | source | error
+    state: str  # cached | missing | corrupt | source | error
     path: str | None = None
     bytes: int | None = None
     key: str | None = None
@@ -197,7 +197,8 @@ class ProfileBuilder:
             row.state, row.path, row.bytes = "source", str(node.source), _dir_bytes(node.source)
             return row
         row.key = node.key
-        art = self.cache.lookup(node.plan.key)
+        # "corrupt": a damaged artifact was found (here or by another process) and waits for its rebuild.
+        art, row.state = self.cache.lookup_state(node.plan.key)
         if art is not None:
             path = _entry_path(node, art)
             row.state, row.path, row.bytes = "cached", str(path), _dir_bytes(path)

@@ -122,6 +122,8 @@ class Settings(BaseSettings):
     # Seconds a request for a lazy profile waits while that profile is built and loaded.
     load_timeout_seconds: float = Field(default=900.0, gt=0)
     api_keys: list[str] = Field(default_factory=list, description="accepted bearer tokens; empty = no auth")
+    # Bodies over this get 413 before they are read into memory or parsed (a 50 MB body used to stall the server).
+    max_request_body_bytes: int = Field(default=8 * 2**20, ge=1024, description="larger request bodies get 413")
     # On SIGTERM: /ready turns 503 and new requests get 503 at once; running generations get this long
     # to finish, then end with finish_reason "abort". The chart's terminationGracePeriodSeconds covers it.
     drain_timeout_seconds: float = Field(default=30.0, ge=0, le=3600)

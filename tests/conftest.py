@@ -114,3 +114,25 @@ def server(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     finally:
         code = proc.stop()
         assert code in (0, -signal.SIGTERM), f"server exited with {code} (a crash?):\n{proc.log()}"
+
+
+# The API tests' server (tests/test_api_features.py, tests/test_api_schemathesis.py): both in-process engines,
+# one route, bearer auth on, the default body limit.
+API_KEY = "sk-shrinkserve-test"
+API_CONFIG = {
+    "api_keys": [API_KEY],
+    "profiles": {"q8_0": {"method": "gguf:q8_0"}, "torch": {"method": "hf", "dtype": "float32"}},
+    "routes": {"/q8": "q8_0"},
+    "serving": {"profiles": {"q8_0": {"max_num_seqs": 4}, "torch": {"max_num_seqs": 4}}},
+}
+
+
+@pytest.fixture(scope="session")
+def api_server(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    proc = ServerProcess(API_CONFIG, cache_dir, tmp_path_factory.mktemp("api-logs") / "server.log")
+    try:
+        proc.wait_ready()
+        yield proc
+    finally:
+        code = proc.stop()
+        assert code in (0, -signal.SIGTERM), f"server exited with {code} (a crash?):\n{proc.log()}"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from shrinkserve.server.api.services import Services
@@ -14,7 +14,8 @@ def attach_router(app: FastAPI, svc: Services) -> None:
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/ready")
+    @app.get("/ready", responses={503: {"description": "not ready: some eager profile is not settled, or the "
+                                                      "server is draining (same body)"}})
     async def ready() -> JSONResponse:
         states = {}
         for n, rt in svc.registry.profiles.items():
@@ -26,6 +27,6 @@ def attach_router(app: FastAPI, svc: Services) -> None:
         body = {"ready": ok, "profiles": states, **({} if serving else {"phase": svc.lifecycle.phase})}
         return JSONResponse(body, status_code=200 if ok else 503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus() -> Response:
         return Response(generate_latest(svc.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,34 +1,22 @@
-"""Request-scoped helpers of the HTTP layer: auth, profile resolution, waiting while the client is there."""
+"""Request-scoped helpers of the HTTP layer: profile resolution, CPU work off the loop, waiting while the
+client is there. (Authentication happens before routing, in api/middleware.py.)"""
 
 from __future__ import annotations
 
 import asyncio
-import hmac
+import functools
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from concurrent.futures import ThreadPoolExecutor
+from typing import ParamSpec, TypeVar
 
 from fastapi import Request
 
-from shrinkserve.server.api.errors import APIError
+from shrinkserve.server.api.errors import APIError, ClientGone
 from shrinkserve.server.runtime.registry import NotServed, ProfileRuntime, Registry, UnknownProfile
-from shrinkserve.server.settings import Settings
+
+P = ParamSpec("P")
 
 T = TypeVar("T")
-
-
-def auth(settings: Settings) -> Callable[[Request], None]:
-    keys = [k.encode() for k in settings.api_keys]
-
-    def check(request: Request) -> None:
-        if not keys:
-            return
-        header = request.headers.get("authorization", "")
-        token = header.removeprefix("Bearer ").strip().encode()
-        # Constant-time comparison against every key: the time taken says nothing about a key's prefix.
-        if not any([hmac.compare_digest(token, k) for k in keys]):
-            raise APIError(401, "invalid or missing API key (Authorization: Bearer <key>)", code="invalid_api_key")
-
-    return check
 
 
 def unknown_model(name: str) -> APIError:
@@ -54,15 +42,33 @@ async def ready_profile(registry: Registry, forced: str | None, model: str | Non
     return rt
 
 
+def label(request: Request, forced: str | None, model: str | None) -> None:
+    """Which profile the request is for, as the request counter labels it (api/middleware.py)."""
+    request.state.profile = forced or model
+
+
 async def unless_disconnected(request: Request, work: Awaitable[T], poll: float = 0.5) -> T:
-    """Await `work`; if the client hangs up meanwhile, cancel it (which aborts its generation)."""
+    """Await `work`; if the client hangs up meanwhile, cancel it (which aborts its generation) and raise
+    ClientGone (a 499 nobody reads: counted, never logged as an error)."""
     task = asyncio.ensure_future(work)
     try:
         while not task.done():
             await asyncio.wait({task}, timeout=poll)
             if not task.done() and await request.is_disconnected():
                 task.cancel()
+                await asyncio.wait({task})  # let the generation's cleanup run before answering
+                raise ClientGone()
         return task.result()
     finally:
         if not task.done():
             task.cancel()
+
+
+# Prompt rendering, tokenization and grammar compilation run here, not on the event loop, so /health
+# and every running stream keep their pace whatever a request costs to prepare. llama.cpp's tokenizer
+# and llguidance release the GIL; a few threads are enough on a CPU box.
+_CPU = ThreadPoolExecutor(max_workers=4, thread_name_prefix="api-cpu")
+
+
+async def run_cpu(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+    return await asyncio.get_running_loop().run_in_executor(_CPU, functools.partial(fn, *args, **kwargs))

@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import logging
+import re
+import threading
+from collections.abc import Mapping, Sequence
+from typing import Any
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -9,15 +16,28 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from shrinkserve.server.api.protocol import ErrorBody, ErrorResponse
 
+log = logging.getLogger("shrinkserve.api")
+
 _TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
     404: "not_found_error",
+    405: "invalid_request_error",
     413: "invalid_request_error",
     429: "rate_limit_error",
+    499: "client_closed_request",
     500: "server_error",
     503: "service_unavailable_error",
 }
+
+
+class SafeJSONResponse(JSONResponse):
+    """JSON that always encodes: a string that slipped through with a lone surrogate becomes "?" instead
+    of a UnicodeEncodeError (a 500) while the error response itself is rendered."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode(
+            "utf-8", errors="replace")
 
 
 class APIError(Exception):
@@ -45,7 +65,14 @@ class APIError(Exception):
         return ErrorResponse(error=err).model_dump()
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+        return SafeJSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+class ClientGone(APIError):
+    """The client closed the connection before the answer: nobody reads this, it only counts as 499."""
+
+    def __init__(self) -> None:
+        super().__init__(499, "client closed the request", code="client_closed_request")
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
@@ -57,22 +84,98 @@ def not_ready(profile: str, why: str) -> APIError:
                     headers={"Retry-After": "5"})
 
 
+# ----------------------------------------------------------------------------- validation errors → 400
+
+# Parts of a pydantic error location that name a union member, not a field: "str", "list[str]",
+# "function-after[...]", a model class name, "[key]".
+_SCALAR_TAGS = frozenset({"str", "int", "float", "bool", "none", "dict", "list", "json-or-python", "lax-or-strict"})
+_LOGGED_UNKNOWN: set[str] = set()
+_LOGGED_LOCK = threading.Lock()
+
+
+# Discriminated unions add the tag of the member to the location: a role after a message index, a type
+# after a content-part index or after `response_format` / `text.format`.
+_ITEM_TAGS = frozenset({"system", "developer", "user", "assistant", "tool", "message", "function_call",
+                        "function_call_output", "input_text", "output_text"})
+_FORMAT_TAGS = frozenset({"text", "json_object", "json_schema"})
+_TAGGED_FIELDS = frozenset({"response_format", "format"})
+
+
+def param_path(loc: Sequence[Any]) -> str | None:
+    """`("messages", 0, "user", "content")` → `messages[0].content`, without pydantic's union-member tags."""
+    out: list[str] = []
+    prev: Any = None
+    for part in loc:
+        if part == "body":
+            continue
+        if isinstance(part, int):
+            out.append(f"[{part}]")
+            prev = part
+            continue
+        s = str(part)
+        tag = (s in _ITEM_TAGS and isinstance(prev, int)) or (s in _FORMAT_TAGS and prev in _TAGGED_FIELDS)
+        if tag or s in _SCALAR_TAGS or "[" in s or "(" in s or s[:1].isupper():
+            prev = None if tag else prev
+            continue  # a union member's tag, not a field
+        out.append(("." if out else "") + s)
+        prev = s
+    return "".join(out) or None
+
+
+def _most_specific(errors: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
+    """Of the errors on the first failing field, the deepest one (a union reports one error per member;
+    the member that got furthest names the real problem)."""
+    first = errors[0]
+    head = first.get("loc", ("",))[:2]
+    same = [e for e in errors if tuple(e.get("loc", ()))[:2] == tuple(head)]
+    unknown = [e for e in errors if e.get("type") == "extra_forbidden"]
+    if unknown:  # an unknown field is the clearest thing to report
+        return unknown[0]
+    return max(same, key=lambda e: len(e.get("loc", ())))
+
+
+def _log_unknown_once(param: str) -> None:
+    name = re.sub(r"\[\d+\]", "[]", param)
+    with _LOGGED_LOCK:
+        if name in _LOGGED_UNKNOWN:
+            return
+        _LOGGED_UNKNOWN.add(name)
+    log.warning("request field %r is unknown to shrinkserve: answered 400 (logged once per field)", name)
+
+
+def validation_error(errors: Sequence[Mapping[str, Any]]) -> APIError:
+    """pydantic errors → one 400 naming the parameter (OpenAI's shape; never FastAPI's 422)."""
+    if not errors:
+        return bad_request("invalid request")
+    err = _most_specific(errors)
+    kind = err.get("type")
+    if kind == "json_invalid":
+        return bad_request("request body is not valid JSON")
+    loc = tuple(err.get("loc", ()))
+    param = param_path(loc)
+    if kind == "extra_forbidden":
+        param = param if param is not None else str(loc[-1] if loc else "")
+        _log_unknown_once(param)
+        return bad_request(f"unknown parameter {param!r}: shrinkserve does not implement it (see "
+                           "docs/openai-fields.md)", param=param, code="unknown_parameter")
+    if kind == "missing":
+        return bad_request(f"{param}: this field is required", param=param)
+    msg = str(err.get("msg", "invalid request")).removeprefix("Value error, ")
+    return bad_request(f"{param}: {msg}" if param else msg, param=param)
+
+
 def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
         return exc.response()
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        # FastAPI says 422; OpenAI says 400 with the offending parameter named.
-        first = exc.errors()[0] if exc.errors() else {}
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-        param = ".".join(loc) or None
-        if first.get("type") == "json_invalid":
-            return bad_request("request body is not valid JSON").response()
-        msg = first.get("msg", "invalid request")
-        return bad_request(f"{param}: {msg}" if param else msg, param=param).response()
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        body = exc.body
+        if isinstance(body, dict) and isinstance(body.get("model"), str) and "profile" not in request.state._state:
+            request.state.profile = body["model"]  # the request counter's label, when it names a profile
+        return validation_error(exc.errors()).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return APIError(exc.status_code, str(exc.detail)).response()
+        return APIError(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None)).response()

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, FastAPI
+from fastapi import APIRouter, FastAPI, Request
 
 from shrinkserve.server.api import protocol as P
-from shrinkserve.server.api.deps import auth, profile_runtime
+from shrinkserve.server.api.deps import label, profile_runtime
 from shrinkserve.server.api.services import Services
 from shrinkserve.server.runtime.registry import ProfileRuntime
 
@@ -33,15 +33,17 @@ def gate_status(rt: ProfileRuntime) -> P.GateStatus | None:
 
 
 def router(svc: Services, forced: str | None) -> APIRouter:
-    r = APIRouter(dependencies=[Depends(auth(svc.settings))])
+    r = APIRouter()
 
     @r.get("/v1/models")
-    async def list_models() -> P.ModelList:
+    async def list_models(http: Request) -> P.ModelList:
+        label(http, forced, None)
         names = [forced] if forced else list(svc.registry.profiles)
         return P.ModelList(data=[model_card(svc, svc.registry.profiles[n]) for n in names])
 
     @r.get("/v1/models/{model_id:path}")
-    async def get_model(model_id: str) -> P.ModelCard:
+    async def get_model(model_id: str, http: Request) -> P.ModelCard:
+        label(http, forced, model_id)
         return model_card(svc, profile_runtime(svc.registry, forced or model_id))
 
     return r

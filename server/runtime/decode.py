@@ -13,8 +13,9 @@ from typing import Protocol
 
 import numpy as np
 
+from shrinkserve.server.runtime.logits_processors import build_processors
 from shrinkserve.server.runtime.sampling import Sampler, log_softmax, top_k
-from shrinkserve.server.runtime.types import FinishedGeneration, GenerationRequest, Step, TokenInfo
+from shrinkserve.server.runtime.types import FinishedGeneration, GenerationRequest, LogitsProcessor, Step, TokenInfo
 
 
 class TokenBytes(Protocol):
@@ -105,6 +106,9 @@ class DecodeState:
         self.capacity = capacity
         self.record = record
         self.sampler = Sampler(req.params)
+        # The params' own processors (logit_bias, penalties) are built at the first row, when the logits
+        # width is known; they are per sequence (the penalties keep counts), then the request's extras.
+        self.processors: tuple[LogitsProcessor, ...] | None = None
         self.text = StopText(req.params.stop)
         self.generated: list[int] = []
         self.sampled_logprobs: list[float] = []
@@ -127,12 +131,19 @@ class DecodeState:
         return first if first.prompt_logprobs is not None else None
 
     def _sample(self, row: np.ndarray) -> int | None:
-        """processors → constraint mask → temperature/top-p → RNG; None when the constraint allows nothing."""
+        """processors → constraint mask → temperature/min-p/top-k/top-p → RNG; None when the constraint
+        allows nothing."""
         logits = row
-        if self.req.processors:
+        if self.processors is None:
+            self.processors = build_processors(self.params, prompt_ids=self.req.prompt_ids,
+                                               vocab_size=row.shape[-1]) + tuple(self.req.processors)
+        if self.processors:
             logits = row.astype(np.float32, copy=True)
-            for proc in self.req.processors:
+            for proc in self.processors:
                 logits = proc(logits, self.generated)
+            # Extreme penalties overflow (a logit divided by a repetition_penalty of 1e-300): NaN would make
+            # the draw pick an arbitrary (even a masked) token, +inf would poison the softmax.
+            np.nan_to_num(logits, copy=False, nan=-np.inf, posinf=np.finfo(np.float32).max, neginf=-np.inf)
         constraint = self.req.constraint
         if constraint is not None:
             mask = constraint.allowed()
@@ -140,6 +151,8 @@ class DecodeState:
                 if not mask.any():
                     return None
                 logits = np.where(mask, logits, -np.inf).astype(np.float32, copy=False)
+                if logits.max() == -np.inf:  # every allowed token was pushed to -inf: choose among them
+                    logits = np.where(mask, 0.0, -np.inf).astype(np.float32)
         return self.sampler(logits)
 
     def advance(self, row: np.ndarray) -> tuple[Step, int | None]:

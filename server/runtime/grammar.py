@@ -45,6 +45,7 @@ __all__ = [
     "grammar_tokenizer",
     "json_object_grammar",
     "json_schema_grammar",
+    "json_schema_lark",
     "lark_grammar",
     "response_format_grammar",
 ]
@@ -142,6 +143,21 @@ def json_schema_grammar(
         return llg.LLMatcher.grammar_from_json_schema(dict(schema), defaults=options)
     except ValueError as exc:
         raise GrammarError(f"{param}: invalid JSON schema: {exc}", param) from exc
+
+
+def json_schema_lark(
+    schema: Mapping[str, Any] | bool, *, strict: bool | None = None, param: str = "response_format",
+    limits: GrammarLimits = DEFAULT_LIMITS,
+) -> str:
+    """The same constraint as ``json_schema_grammar`` as a Lark expression (``%json {…}``), to combine with
+    other rules (a tool-call grammar whose free-text answer must follow ``response_format``)."""
+    if schema is True:
+        schema = {}
+    if not isinstance(schema, Mapping):
+        raise GrammarError(f"{param}: the JSON schema must be an object", param)
+    _check_size(schema, limits, param)
+    options = {**JSON_OPTIONS, "lenient": not strict, **(schema.get("x-guidance") or {})}
+    return "%json " + json.dumps({**schema, "x-guidance": options}, ensure_ascii=False)
 
 
 def json_object_grammar() -> str:
@@ -312,7 +328,7 @@ class GrammarTokenizer:
         if matcher.is_error():
             msg = _first_line(matcher.get_error())
             raise GrammarError(f"{param}: {msg}" if param else f"invalid grammar: {msg}", param)
-        compiled = CompiledGrammar(self, matcher)
+        compiled = CompiledGrammar(self, matcher, grammar)
         with self._lock:
             self._cache[grammar] = compiled
             while len(self._cache) > self._cache_size:
@@ -333,23 +349,27 @@ def _first_line(message: str) -> str:
 class CompiledGrammar:
     """A checked grammar in its start state; ``new_constraint()`` per sequence (copies are cheap)."""
 
-    def __init__(self, tokenizer: GrammarTokenizer, pristine: Any) -> None:
+    def __init__(self, tokenizer: GrammarTokenizer, pristine: Any, source: str = "") -> None:
         self.tokenizer = tokenizer
+        self.source = source  # the grammar text it was compiled from
         self._pristine = pristine
         self._lock = threading.Lock()
 
     def new_constraint(self) -> GrammarConstraint:
         with self._lock:
             matcher = self._pristine.deep_copy()
-        return GrammarConstraint(self.tokenizer, matcher)
+        return GrammarConstraint(self.tokenizer, matcher, self.source)
 
 
 class GrammarConstraint:
     """One sequence's grammar state: the ``TokenConstraint`` of interfaces.md §1. Not thread-safe."""
 
-    def __init__(self, tokenizer: GrammarTokenizer, matcher: Any) -> None:
+    def __init__(self, tokenizer: GrammarTokenizer, matcher: Any, source: str = "") -> None:
         self._tok = tokenizer
         self._m = matcher
+        # llguidance grammar text: what an out-of-process core (vLLM's guidance backend, which takes the
+        # same format as `structured_outputs.grammar`) enforces instead of calling allowed()/accept().
+        self.source = source
         ll_vocab = int(tokenizer.ll.vocab_size)
         self._bits = np.full(((ll_vocab + 31) // 32,), -1, dtype=np.int32)
         self._ll_vocab = ll_vocab

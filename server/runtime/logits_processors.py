@@ -23,9 +23,11 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
+
+from shrinkserve.server.runtime.types import LogitsProcessor
 
 __all__ = [
     "LogitBias",
@@ -42,10 +44,6 @@ LOGIT_BIAS_LIMIT = 100.0  # OpenAI: "values between -100 and 100"
 PENALTY_LIMIT = 2.0  # OpenAI presence/frequency: "between -2.0 and 2.0"
 
 
-class LogitsProcessor(Protocol):  # interfaces.md §1 (the core's runtime/types.py owns the canonical one)
-    def __call__(self, logits: np.ndarray, generated: Sequence[int]) -> np.ndarray: ...
-
-
 class LogitsParamsError(ValueError):
     """A sampler parameter is out of range: the API answers 400 naming ``param``."""
 
@@ -56,7 +54,7 @@ class LogitsParamsError(ValueError):
 
 @dataclass(frozen=True)
 class LogitsParams:
-    """The request fields this module implements (the same names go onto SamplingParams in phase 2)."""
+    """The request fields this module implements, validated (SamplingParams carries the same names)."""
 
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -197,7 +195,8 @@ class Penalties:
         if self._use_rep and self._n_rep:
             ids = self._rep_ids[: self._n_rep]
             sel = logits[ids]
-            logits[ids] = np.where(sel > 0, sel / self.repetition, sel * self.repetition)
+            with np.errstate(divide="ignore", over="ignore", invalid="ignore"):  # decode.py cleans inf/NaN
+                logits[ids] = np.where(sel > 0, sel / self.repetition, sel * self.repetition)
         if self._n_out and (self.frequency or self.presence):
             ids = self._out_ids[: self._n_out]
             logits[ids] -= self.frequency * self._counts[ids] + self.presence
@@ -207,8 +206,8 @@ class Penalties:
 def build_processors(params: Any, *, prompt_ids: Sequence[int], vocab_size: int) -> tuple[LogitsProcessor, ...]:
     """The processors a request needs, in vLLM's order; empty when every parameter is neutral.
 
-    ``params`` is anything with LogitsParams' attribute names (LogitsParams, or SamplingParams once it has
-    them). Penalties are stateful: build one tuple per sequence (n > 1 → call again).
+    ``params`` is anything with LogitsParams' attribute names (LogitsParams or SamplingParams). Penalties are
+    stateful: build one tuple per sequence (DecodeState does, at its first row).
     """
     out: list[LogitsProcessor] = []
     bias = tuple(getattr(params, "logit_bias", ()) or ())

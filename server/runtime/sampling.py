@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from shrinkserve.compression.scoring import log_softmax, top_k
+from shrinkserve.server.runtime.logits_processors import filter_scaled_logits
 from shrinkserve.server.runtime.types import SamplingParams
 
 __all__ = ["Sampler", "log_softmax", "top_k"]
@@ -15,11 +16,14 @@ _TOP_P_CANDIDATES = 512
 
 
 class Sampler:
-    """Temperature / top-p sampling with a per-request RNG: the same seed gives the same tokens."""
+    """Temperature → min-p → top-k → top-p sampling with a per-request RNG: the same seed gives the same
+    tokens. Greedy (temperature 0) is the argmax: min-p and top-k cannot change it (vLLM skips them too)."""
 
     def __init__(self, params: SamplingParams) -> None:
         self.temperature = params.temperature
         self.top_p = params.top_p
+        self.top_k = params.top_k
+        self.min_p = params.min_p
         seed = None if params.seed is None else params.seed % 2**64
         self.rng = np.random.default_rng(seed)
 
@@ -27,6 +31,8 @@ class Sampler:
         if self.temperature == 0.0:
             return int(np.argmax(logits_row))
         z = logits_row.astype(np.float64) / self.temperature
+        if self.top_k or self.min_p:
+            filter_scaled_logits(z, top_k=self.top_k, min_p=self.min_p)
         p = np.exp(z - z.max())
         total = p.sum()
         if self.top_p < 1.0:

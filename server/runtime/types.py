@@ -25,6 +25,15 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     logprobs: int | None = None  # None: no logprobs; k >= 0: the chosen token's plus the top k
     ignore_eos: bool = False
+    # Beyond temperature/top-p (server/runtime/logits_processors.py has the semantics and vLLM's order):
+    # logits processors, applied to a copy of the raw row in this order, change greedy decoding too...
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias in [-100, 100]), ids unique
+    repetition_penalty: float = 1.0  # HF/vLLM: over prompt + output; 1 = off
+    frequency_penalty: float = 0.0  # OpenAI: minus penalty x count in the output
+    presence_penalty: float = 0.0  # OpenAI: minus penalty once per token present in the output
+    # ... filters on the temperature-scaled row only act when sampling (temperature > 0).
+    top_k: int = 0  # 0 = off
+    min_p: float = 0.0  # 0 = off
 
 
 class LogitsProcessor(Protocol):

@@ -1,23 +1,28 @@
 """The one flow chat and completions share: prepare → admit → generate → collect or stream, with usage.
 
-`prepare_*` (in completions.py / chat.py) turn a protocol request into `GenerationRequest`s; `start()`
-admits them with the profile's core before any response exists (so busy is a 429 and draining a 503);
-`Run` generates each prompt in turn, records the request metrics, and counts usage once for both
-streamed and non-streamed responses.
+`prepare_*` (in completions.py / chat.py) turn a protocol request into `GenerationRequest`s, one per
+choice (`n` per prompt), each with its own output constraint; they run in a worker thread (templates,
+tokenization, grammar compilation). `start()` admits the request with the profile's core before any
+response exists (so busy is a 429 and draining a 503), with room for the `n` choices of a prompt to run
+at once; `Run` generates them (the prompts of a multi-prompt completion one after another), records the
+request metrics, and counts usage once for both streamed and non-streamed responses.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import aclosing, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import TypeVar
 
 from shrinkserve.server.api import protocol as P
 from shrinkserve.server.api.errors import APIError, bad_request
 from shrinkserve.server.engines.base import Tokenizer
 from shrinkserve.server.runtime.core import Ticket
+from shrinkserve.server.runtime.grammar import GrammarError
+from shrinkserve.server.runtime.logits_processors import LogitsParamsError, logits_params_from_request
 from shrinkserve.server.runtime.metrics import Metrics
 from shrinkserve.server.runtime.registry import ProfileRuntime
 from shrinkserve.server.runtime.types import (
@@ -27,22 +32,32 @@ from shrinkserve.server.runtime.types import (
     NeverFits,
     SamplingParams,
     Step,
+    TokenConstraint,
     TokenInfo,
 )
+from shrinkserve.server.serving.tools import ToolsError
+
+T = TypeVar("T")
 
 
 @dataclass
 class Prepared:
-    """A validated request: one GenerationRequest per prompt, ready to admit."""
+    """A validated request: one GenerationRequest per choice, ready to admit. Choice `i` answers prompt
+    `i // n` (OpenAI's and vLLM's order of choices for several prompts with `n` > 1)."""
 
     rt: ProfileRuntime
     requests: list[GenerationRequest]
     prompt_texts: list[str]
     t_arrival: float
+    n: int = 1
+
+    def prompt_of(self, choice: int) -> int:
+        return choice // self.n
 
     @property
     def prompt_tokens(self) -> int:
-        return sum(len(r.prompt_ids) for r in self.requests)
+        """Usage counts each prompt once, however many choices answer it."""
+        return sum(len(r.prompt_ids) for r in self.requests[:: self.n])
 
 
 @dataclass
@@ -100,11 +115,44 @@ def max_tokens(requested: int | None, default: int | None, prompt_len: int, ctx:
     return requested
 
 
-def sampling_params(req: P._SamplingRequest, max_new: int, logprobs: int | None) -> SamplingParams:
-    if req.n != 1:
-        raise bad_request("n > 1 is not supported; send separate requests", param="n")
-    return SamplingParams(max_tokens=max_new, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
-                          stop=tuple(req.stop or ()), logprobs=logprobs, ignore_eos=req.ignore_eos)
+def sampling_params(req: P._SamplingRequest, max_new: int, logprobs: int | None, vocab_size: int) -> SamplingParams:
+    """The request's sampler fields, checked (ranges, logit_bias ids against the vocabulary); null = default."""
+    fields = {name: getattr(req, name) for name in ("presence_penalty", "frequency_penalty", "repetition_penalty",
+                                                    "top_k", "min_p", "logit_bias")}
+    try:
+        lp = logits_params_from_request(fields, vocab_size)
+    except LogitsParamsError as exc:
+        raise bad_request(str(exc), param=exc.param) from None
+    return SamplingParams(
+        max_tokens=max_new, temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p, seed=req.seed, stop=tuple(req.stop or ()),
+        logprobs=logprobs, ignore_eos=bool(req.ignore_eos), logit_bias=lp.logit_bias,
+        repetition_penalty=lp.repetition_penalty, frequency_penalty=lp.frequency_penalty,
+        presence_penalty=lp.presence_penalty, top_k=lp.top_k, min_p=lp.min_p,
+    )
+
+
+def choices(prompts: Sequence[list[int]], params: SamplingParams, n: int, *,
+            constraint: Callable[[], TokenConstraint] | None = None,
+            prompt_logprobs: int | None = None) -> list[GenerationRequest]:
+    """`n` generation requests per prompt. With a seed, choice j > 0 uses seed + j (as vLLM's parallel
+    sampling does), so choice 0 is what `n: 1` gives and the same request always gives the same choices.
+    Each choice gets its own constraint: a grammar's state is per sequence."""
+    out = []
+    for ids in prompts:
+        for j in range(n):
+            p = params if j == 0 or params.seed is None else replace(params, seed=(params.seed + j) % 2**64)
+            out.append(GenerationRequest(ids, p, prompt_logprobs=prompt_logprobs,
+                                         constraint=constraint() if constraint is not None else None))
+    return out
+
+
+def client_errors(fn: Callable[[], T]) -> T:
+    """Run a `prepare`: a bad schema, grammar or tool definition is the client's 400, naming the field."""
+    try:
+        return fn()
+    except (GrammarError, ToolsError) as exc:
+        raise bad_request(str(exc), param=exc.param) from None
 
 
 def usage(prompt: int, completion: int) -> P.Usage:
@@ -123,7 +171,7 @@ async def start(prepared: Prepared, metrics: Metrics, capture_top_k: int = 0, ro
                        headers={"Retry-After": "5"})
     need = max(r.max_total_tokens for r in prepared.requests)
     try:
-        ticket = await core.admit(1, max_total_tokens=need)
+        ticket = await core.admit(prepared.n, max_total_tokens=need)
     except Busy as exc:
         raise APIError(429, str(exc), code="server_busy",
                        headers={"Retry-After": str(max(1, round(exc.retry_after)))}) from exc
@@ -138,8 +186,9 @@ async def start(prepared: Prepared, metrics: Metrics, capture_top_k: int = 0, ro
 
 
 class Run:
-    """An admitted request. Its prompts generate one after another on the ticket; `steps()` (or
-    `collect()`) must be consumed, or `close()` called, to hand the ticket back."""
+    """An admitted request. Its choices generate on the ticket — the `n` choices of a prompt at once (as
+    many as the ticket's shares allow), several prompts one after another; `steps()` (or `collect()`) must
+    be consumed, or `close()` called, to hand the ticket back."""
 
     def __init__(self, prepared: Prepared, ticket: Ticket, metrics: Metrics) -> None:
         self.prepared = prepared
@@ -153,14 +202,49 @@ class Run:
         return self.prepared.rt.name
 
     async def steps(self) -> AsyncIterator[tuple[int, Step]]:
-        """(prompt index, step) for every prompt in turn."""
+        """(choice index, step) for every choice; choices of one prompt interleave."""
         try:
-            for i, req in enumerate(self.prepared.requests):
-                async for step in self._observed(req):
+            if self.prepared.n == 1:
+                for i, req in enumerate(self.prepared.requests):
+                    async for step in self._observed(req):
+                        self.completion_tokens += step.n_tokens
+                        yield i, step
+            else:
+                async for i, step in self._merged():
                     self.completion_tokens += step.n_tokens
                     yield i, step
         finally:
             self.close()
+
+    async def _merged(self) -> AsyncIterator[tuple[int, Step]]:
+        """Every choice in its own task (the ticket's shares bound how many run), steps merged as they come."""
+        queue: asyncio.Queue[tuple[int, Step | BaseException | None]] = asyncio.Queue()
+
+        async def pump(i: int, req: GenerationRequest) -> None:
+            try:
+                async with aclosing(self._observed(req)) as steps:
+                    async for step in steps:
+                        queue.put_nowait((i, step))
+            except Exception as exc:
+                queue.put_nowait((i, exc))
+            finally:
+                queue.put_nowait((i, None))
+
+        tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(self.prepared.requests)]
+        try:
+            running = len(tasks)
+            while running:
+                i, item = await queue.get()
+                if item is None:
+                    running -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield i, item
+        finally:
+            # No await here: a cancelled stream must not wait; each task's cancellation aborts its sequence.
+            for t in tasks:
+                t.cancel()
 
     async def _observed(self, req: GenerationRequest) -> AsyncIterator[Step]:
         """The core's steps of one prompt, with TTFT / ITL / token / finish metrics recorded."""

@@ -1,4 +1,5 @@
-"""/v1/completions ↔ generation requests: text or token prompts, echo, legacy logprobs."""
+"""/v1/completions ↔ generation requests: text or token prompts, echo, legacy logprobs, and the same
+output constraints as chat (`response_format`, vLLM's `structured_outputs` / `guided_*`)."""
 
 from __future__ import annotations
 
@@ -6,13 +7,14 @@ import time
 from collections.abc import AsyncIterator
 
 from shrinkserve.server.api import protocol as P
-from shrinkserve.server.api.errors import bad_request
 from shrinkserve.server.runtime.registry import ProfileRuntime
-from shrinkserve.server.runtime.types import GenerationRequest, TokenInfo
+from shrinkserve.server.runtime.types import TokenInfo
 from shrinkserve.server.serving.base import (
     Outcome,
     Prepared,
     Run,
+    choices,
+    client_errors,
     context_of,
     max_tokens,
     prompt_ids,
@@ -21,25 +23,33 @@ from shrinkserve.server.serving.base import (
     usage,
 )
 from shrinkserve.server.serving.sse import TextChunks, sse_data
+from shrinkserve.server.serving.structured import compile_constraint, structure_of
 
 
 def prepare(rt: ProfileRuntime, req: P.CompletionRequest, t_arrival: float) -> Prepared:
-    if req.suffix:
-        raise bad_request("suffix is not supported", param="suffix")
+    """Tokens, sampler parameters and the output grammar (run it in a worker thread)."""
     tok = tokenizer_of(rt)
-    prompts = prompt_ids(tok, req.prompts())
-    longest = max(len(p) for p in prompts)
-    params = sampling_params(req, max_tokens(req.max_tokens, 16, longest, context_of(rt), "prompt"), req.logprobs)
-    prompt_lp = req.logprobs if (req.echo and req.logprobs is not None) else None
-    texts = [p if isinstance(p, str) else tok.detokenize(ids) for p, ids in zip(req.prompts(), prompts, strict=True)]
-    requests = [GenerationRequest(ids, params, prompt_logprobs=prompt_lp) for ids in prompts]
-    return Prepared(rt, requests, texts, t_arrival)
+
+    def build() -> Prepared:
+        prompts = prompt_ids(tok, req.prompts())
+        longest = max(len(p) for p in prompts)
+        params = sampling_params(req, max_tokens(req.max_tokens, 16, longest, context_of(rt), "prompt"), req.logprobs,
+                                 tok.vocab_size)
+        prompt_lp = req.logprobs if (req.echo and req.logprobs is not None) else None
+        texts = [p if isinstance(p, str) else tok.detokenize(ids)
+                 for p, ids in zip(req.prompts(), prompts, strict=True)]
+        constraint = compile_constraint(tok, structure_of(req))
+        n = req.n or 1
+        requests = choices(prompts, params, n, constraint=constraint, prompt_logprobs=prompt_lp)
+        return Prepared(rt, requests, texts, t_arrival, n=n)
+
+    return client_errors(build)
 
 
 def response(req: P.CompletionRequest, run: Run, outcomes: list[Outcome]) -> P.CompletionResponse:
     choices = []
     for i, out in enumerate(outcomes):
-        text = (run.prepared.prompt_texts[i] if req.echo else "") + out.text
+        text = (run.prepared.prompt_texts[run.prepared.prompt_of(i)] if req.echo else "") + out.text
         logprobs = None
         if req.logprobs is not None:
             toks = (out.prompt_logprobs or []) + out.tokens if req.echo else out.tokens
@@ -57,7 +67,7 @@ async def chunks(req: P.CompletionRequest, run: Run) -> AsyncIterator[str]:
         text = step.text
         toks = list(step.tokens)
         if req.echo and not echoed[i]:
-            text = run.prepared.prompt_texts[i] + text
+            text = run.prepared.prompt_texts[run.prepared.prompt_of(i)] + text
             toks = (step.prompt_logprobs or []) + toks
             echoed[i] = True
         if not text and not toks and step.finish_reason is None:

@@ -423,11 +423,13 @@ def _lark_str(s: str) -> str:
     return json.dumps(s)
 
 
-def tool_grammar(choice: ToolChoice, fmt: ToolFormat = SMOLLM2) -> str | None:
+def tool_grammar(choice: ToolChoice, fmt: ToolFormat = SMOLLM2, content: str | None = None) -> str | None:
     """Lark grammar text (llguidance dialect) for the answer under ``choice``; None when unconstrained.
 
     required / named: the whole answer is the call block(s). auto: any text that does not contain the opening
     marker, or such text followed by the call block(s) (the marker commits the model to a valid call).
+    ``content`` (a Lark expression, e.g. ``%json {…}`` from ``response_format``) replaces the free text of
+    ``auto``: the answer is then either that or the call block(s).
     """
     if choice.mode == "none" or not choice.tools:
         return None
@@ -440,15 +442,16 @@ def tool_grammar(choice: ToolChoice, fmt: ToolFormat = SMOLLM2) -> str | None:
         # auto may write an empty list (the SmolLM2 prompt asks for '[]' when no call is needed).
         min_items = 1 if choice.mode == "required" else 0
         schema = _call_schema(choice.tools, min_items=min_items, max_items=max_calls, array=True)
-        calls = f"calls: %json {json.dumps(schema)}"
-        if choice.mode == "required":
-            return f"start: {op} calls {cl}\n{calls}\n"
-        return f"start: TEXT | call_hd calls {cl}\ncall_hd[lazy]: TEXT {op}\n{text_rule}\n{calls}\n"
-    call = f"call: %json {json.dumps(_call_schema(choice.tools, min_items=1, max_items=None, array=False))}"
-    more = "" if max_calls == 1 else f' ("\\n" {op} call {cl})*'
+        tail, rules = f"calls {cl}", f"calls: %json {json.dumps(schema)}"
+    else:
+        more = "" if max_calls == 1 else f' ("\\n" {op} call {cl})*'
+        schema = _call_schema(choice.tools, min_items=1, max_items=None, array=False)
+        tail, rules = f"call {cl}{more}", f"call: %json {json.dumps(schema)}"
     if choice.mode == "required":
-        return f"start: {op} call {cl}{more}\n{call}\n"
-    return f"start: TEXT | call_hd call {cl}{more}\ncall_hd[lazy]: TEXT {op}\n{text_rule}\n{call}\n"
+        return f"start: {op} {tail}\n{rules}\n"
+    if content is not None:
+        return f"start: answer | {op} {tail}\nanswer: {content}\n{rules}\n"
+    return f"start: TEXT | call_hd {tail}\ncall_hd[lazy]: TEXT {op}\n{text_rule}\n{rules}\n"
 
 
 # --------------------------------------------------------------------------- parsing
