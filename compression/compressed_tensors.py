@@ -347,3 +347,12 @@ def convert_quantized_checkpoint(src: Path, out: Path) -> dict[str, Any]:
         cfg["torch_dtype"] = cfg["dtype"] = str(floats.pop()).removeprefix("torch.")
         cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
     return meta
+
+
+def load_weight_only(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, QuantizedLinear]]:
+    """(meta, dense, quantized) of any weight-only artifact: compressed-tensors (what every handler writes since
+    quant_format 2) or shrinkserve's older own format (artifacts built before, and the rare prequantized import
+    that has no pack-quantized form)."""
+    from shrinkserve.compression.quant_format import load_quantized_checkpoint
+
+    return load_compressed_tensors(path) if is_compressed_tensors_checkpoint(path) else load_quantized_checkpoint(path)

@@ -18,7 +18,6 @@ import pytest
 import torch
 
 from shrinkserve.compression.compressed_tensors import (
-    convert_quantized_checkpoint,
     is_compressed_tensors_checkpoint,
     load_compressed_tensors,
     save_compressed_tensors,
@@ -180,38 +179,46 @@ print(json.dumps({"v": compressed_tensors.__version__, "q": (q.int() + 8).tolist
 # ---------------------------------------------------------------------------------------------------
 
 
+def to_our_old_format(ct: Path, out: Path) -> None:
+    """The same weights in shrinkserve's own format (what weight-only artifacts were before quant_format 2)."""
+    from shrinkserve.compression.quant_format import save_quantized_checkpoint
+
+    meta, dense, quantized = load_compressed_tensors(ct)
+    save_quantized_checkpoint(out, ct, dense, quantized, meta)
+    config = json.loads((out / "config.json").read_text())
+    config.pop("quantization_config")
+    (out / "config.json").write_text(json.dumps(config))
+
+
 @pytest.fixture(scope="module")
 def rtn_artifacts(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """RTN w4 g64 of the default model with a 4-bit head, in our format and converted to compressed-tensors."""
+    """RTN w4 g64 of the default model as quantize_rtn stores it (compressed-tensors), with a 4-bit head and with
+    the dense tied head, and the first also in our older own format."""
     from shrinkserve.compression.rtn import quantize_rtn
 
     base = base_checkpoint(cache_dir)
     root = tmp_path_factory.mktemp("rtn")
-    paths = {"ours": root / "ours", "ct": root / "ct", "ct-dense-head": root / "ct-dense-head",
-             "ours-dense-head": root / "ours-dense-head"}
+    paths = {"ours": root / "ours", "ct": root / "ct", "ct-dense-head": root / "ct-dense-head"}
     for p in paths.values():
         p.mkdir()
-    quantize_rtn(base, paths["ours"], bits=4, group_size=64, lm_head_bits=4)
-    convert_quantized_checkpoint(paths["ours"], paths["ct"])
-    quantize_rtn(base, paths["ours-dense-head"], bits=4, group_size=64, lm_head_bits=None)
-    convert_quantized_checkpoint(paths["ours-dense-head"], paths["ct-dense-head"])
+    quantize_rtn(base, paths["ct"], bits=4, group_size=64, lm_head_bits=4)
+    to_our_old_format(paths["ct"], paths["ours"])
+    quantize_rtn(base, paths["ct-dense-head"], bits=4, group_size=64, lm_head_bits=None)
     return paths
 
 
 @pytest.fixture(scope="module")
 def awq_artifact(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """AWQ w4g64 (llm-compressor, dense tied head) of the default model, converted to compressed-tensors.
+    """AWQ w4g64 (llm-compressor, dense tied head) of the default model, as the awq handler stores it.
     A tiny calibration set (4 x 64 tokens): this checks the format and vLLM loading, not AWQ's quality."""
     from shrinkserve.compression.awq_gptq import quantize_with_library
     from shrinkserve.compression.profiles import ProfileSpec
 
-    root = tmp_path_factory.mktemp("awq")
-    ours, ct = root / "ours", root / "ct"
-    ours.mkdir()
+    ct = tmp_path_factory.mktemp("awq") / "ct"
     ct.mkdir()
     spec = ProfileSpec(method="awq", group_size=64, lm_head_bits=None, calibration={"samples": 4, "seq_len": 64})
-    quantize_with_library("awq", base_checkpoint(cache_dir), ours, spec)
-    convert_quantized_checkpoint(ours, ct)
+    quantize_with_library("awq", base_checkpoint(cache_dir), ct, spec.recipe)
+    assert is_compressed_tensors_checkpoint(ct)
     return ct
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from shrinkserve.compression.compressed_tensors import is_compressed_tensors_checkpoint, load_compressed_tensors
-from shrinkserve.compression.quant_format import QuantizedLinear, load_quantized_checkpoint
+from shrinkserve.compression.compressed_tensors import load_weight_only
+from shrinkserve.compression.quant_format import QuantizedLinear
 
 
 def _kernel_module(ql: QuantizedLinear, bias: torch.Tensor | None) -> torch.nn.Module:
@@ -23,8 +23,7 @@ def _kernel_module(ql: QuantizedLinear, bias: torch.Tensor | None) -> torch.nn.M
 def load_quantized_model(path: Path, dtype: torch.dtype) -> torch.nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    load = load_compressed_tensors if is_compressed_tensors_checkpoint(path) else load_quantized_checkpoint
-    _, dense, quantized = load(path)
+    _, dense, quantized = load_weight_only(path)
     config = AutoConfig.from_pretrained(path)
     # Built from the config without its quantization_config: transformers would otherwise set up its own
     # compressed-tensors quantizer; our kernels replace the linears below.

@@ -34,56 +34,20 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field
+
+from shrinkserve.compression.engine_options import VENV_ENV, VllmOptions, default_vllm_python
+
+__all__ = ["VENV_ENV", "CompletionChunk", "Endpoint", "TopLogprob", "VllmClient", "VllmMetricsRelay", "VllmOptions",
+           "VllmProcess", "VllmRequestError", "VllmStartError", "completion_body", "default_vllm_python",
+           "free_port", "parse_completion_chunk", "relabel_vllm_metrics", "tree_rss_bytes"]
 
 log = logging.getLogger("shrinkserve.vllm")
 
 LOOPBACK = "127.0.0.1"
 ENTRYPOINT = "vllm.entrypoints.openai.api_server"
-VENV_ENV = "SHRINKSERVE_VLLM_PYTHON"
-
-
-def default_vllm_python() -> Path:
-    """The vLLM venv's interpreter: $SHRINKSERVE_VLLM_PYTHON, else `.venv-vllm` in the working directory,
-    else `.venv-vllm` in the checkout this package is installed from (editable installs)."""
-    if os.environ.get(VENV_ENV):
-        return Path(os.environ[VENV_ENV]).expanduser()
-    candidates = [Path.cwd() / ".venv-vllm", Path(__file__).resolve().parents[2] / ".venv-vllm"]
-    for venv in candidates:
-        if (venv / "bin" / "python").exists():
-            return venv / "bin" / "python"
-    return candidates[0] / "bin" / "python"
-
-
-class VllmOptions(BaseModel):
-    """What a profile passes to its vLLM server. None = vLLM's own default (the flag is not sent)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    python: Path | None = Field(default=None, description="interpreter of vLLM's venv; default: .venv-vllm")
-    tensor_parallel_size: int = Field(default=1, ge=1)
-    gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1)
-    max_model_len: int | None = Field(default=None, ge=16)
-    max_num_seqs: int | None = Field(default=None, ge=1)
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
-    kv_cache_dtype: str | None = Field(default=None, description="auto | fp8 | fp8_e4m3 | ... (vLLM's names)")
-    enforce_eager: bool = Field(default=False, description="skip torch.compile/graphs: faster start, slower decode")
-    # Capture keeps the top-20 per token (capture.top_k); vLLM rejects logprobs above --max-logprobs.
-    max_logprobs: int = Field(default=20, ge=0)
-    # vLLM's per-request log lines (arrival, "Aborted request(s) ..."): off by default, they carry prompts.
-    log_requests: bool = False
-    # vLLM-CPU only: GiB of KV cache (VLLM_CPU_KVCACHE_SPACE) and the cores its OpenMP threads bind to.
-    cpu_kvcache_space_gib: float | None = Field(default=2, gt=0)
-    cpu_threads_bind: str | None = Field(default=None, description="VLLM_CPU_OMP_THREADS_BIND; default: all CPUs")
-    startup_timeout_seconds: float = Field(default=600, gt=0)
-    extra_args: list[str] = Field(default_factory=list, description="appended to the command line as is")
-    env: dict[str, str] = Field(default_factory=dict, description="extra environment (wins over the above)")
-
-    def interpreter(self) -> Path:
-        return (self.python or default_vllm_python()).expanduser()
 
 
 def _affinity_list() -> str:
@@ -161,7 +125,7 @@ class VllmProcess:
         o = self.options
         args = [str(o.interpreter()), "-m", ENTRYPOINT, "--model", str(self.model_dir),
                 "--served-model-name", self.served_name, "--max-logprobs", str(o.max_logprobs),
-                "--dtype", o.dtype, "--tensor-parallel-size", str(o.tensor_parallel_size),
+                "--tensor-parallel-size", str(o.tensor_parallel_size),
                 # One access-log line per request would be most of the log; errors are still logged.
                 "--disable-uvicorn-access-log"]
         if self.endpoint.uds is not None:
@@ -171,6 +135,7 @@ class VllmProcess:
                 self.endpoint.port = free_port(self.endpoint.host)
             args += ["--host", self.endpoint.host, "--port", str(self.endpoint.port)]
         flags: list[tuple[str, Any]] = [
+            ("--dtype", o.dtype),
             ("--gpu-memory-utilization", o.gpu_memory_utilization),
             ("--max-model-len", o.max_model_len),
             ("--max-num-seqs", o.max_num_seqs),
@@ -195,6 +160,9 @@ class VllmProcess:
             # vLLM reads an int of GiB in 0.32; keep fractional values usable by rounding up.
             env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(o.cpu_kvcache_space_gib)))
         env["VLLM_CPU_OMP_THREADS_BIND"] = o.cpu_threads_bind or _affinity_list()
+        # On AMX CPUs vLLM-CPU runs int4 weights as W4A8 (activations quantized to int8) unless told not to: the
+        # served model would then differ from the artifact we scored. Weight-only, as everywhere else.
+        env["VLLM_CPU_INT4_W4A8"] = "0"
         env.update(o.env)
         return env
 
