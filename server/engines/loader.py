@@ -14,5 +14,7 @@ def load_engine(built: BuiltProfile, spec: ProfileSpec, threads: int) -> Engine:
         return LlamaCppEngine(built.path, threads=spec.threads or threads, context_length=spec.context_length)
     from shrinkserve.server.engines.torch_engine import TorchEngine
 
+    if built.engine != "torch":
+        raise ValueError(f"engine {built.engine!r} is not an in-process engine (vLLM profiles run as a child server)")
     return TorchEngine(built.path, threads=spec.threads or threads, dtype=spec.dtype,
-                       context_length=spec.context_length)
+                       context_length=spec.context_length, device=spec.device)
