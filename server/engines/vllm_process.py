@@ -310,7 +310,9 @@ class CompletionChunk:
 
     `token_ids` are the tokens this chunk adds (vLLM's `return_token_ids`); `logprobs[i]` is token i's own
     logprob and `top_logprobs[i]` its top-k alternatives by id, best first (when logprobs were asked for).
-    The first chunk also carries `prompt_token_ids`; usage arrives on a final chunk with no choice.
+    The first chunk also carries `prompt_token_ids`, and with `echo` the prompt's logprobs: `prompt_logprobs[i]`
+    of prompt token i (None for the first) and `prompt_top_logprobs[i]`. Usage arrives on a final chunk with no
+    choice.
     """
 
     text: str = ""
@@ -320,6 +322,8 @@ class CompletionChunk:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     prompt_token_ids: list[int] | None = None
+    prompt_logprobs: list[float | None] | None = None
+    prompt_top_logprobs: list[list[TopLogprob]] | None = None
     usage: dict[str, Any] | None = None
 
 
@@ -340,8 +344,9 @@ def _token_id(key: str) -> int:
     return int(num)
 
 
-def parse_completion_chunk(obj: Mapping[str, Any]) -> CompletionChunk:
-    """One SSE `data:` JSON object of a streamed completion (n = 1) → CompletionChunk."""
+def parse_completion_chunk(obj: Mapping[str, Any], *, echo: bool = False) -> CompletionChunk:
+    """One SSE `data:` JSON object of a streamed completion (n = 1) → CompletionChunk. With `echo`, the chunk
+    that carries `prompt_token_ids` (the first) has the prompt's logprobs ahead of its own tokens'."""
     if "error" in obj and obj.get("error"):
         err = obj["error"]
         raise VllmRequestError(int(err.get("code") or 500) if isinstance(err, dict) else 500, err)
@@ -351,19 +356,26 @@ def parse_completion_chunk(obj: Mapping[str, Any]) -> CompletionChunk:
         return chunk
     c = choices[0]
     chunk.text = c.get("text") or ""
-    chunk.token_ids = list(c.get("token_ids") or [])
+    listed = c.get("token_ids")
+    chunk.token_ids = list(listed or [])
     chunk.prompt_token_ids = c.get("prompt_token_ids")
     chunk.finish_reason = c.get("finish_reason")
     chunk.stop_reason = c.get("stop_reason")
     lp = c.get("logprobs")
     if lp:
-        chunk.logprobs = [float(x) if x is not None else float("nan") for x in lp.get("token_logprobs") or []]
-        for top in lp.get("top_logprobs") or []:
-            entries = [TopLogprob(_token_id(k), float(v)) for k, v in (top or {}).items()]
-            entries.sort(key=lambda e: -e.logprob)
-            chunk.top_logprobs.append(entries)
-        if not chunk.token_ids and lp.get("tokens"):
+        values: list[float | None] = [float(x) if x is not None else None for x in lp.get("token_logprobs") or []]
+        tops = [sorted((TopLogprob(_token_id(k), float(v)) for k, v in (top or {}).items()), key=lambda e: -e.logprob)
+                for top in lp.get("top_logprobs") or []]
+        if listed is None and lp.get("tokens"):
             chunk.token_ids = [_token_id(t) for t in lp["tokens"]]
+        if echo and chunk.prompt_token_ids is not None:
+            # vLLM 0.32: the first chunk's logprobs cover the prompt, then this chunk's tokens (none when the
+            # request has max_tokens 0, although token_ids then lists the one token vLLM generated internally).
+            n_prompt = len(chunk.prompt_token_ids)
+            chunk.prompt_logprobs, values = values[:n_prompt], values[n_prompt:]
+            chunk.prompt_top_logprobs, tops = tops[:n_prompt], tops[n_prompt:]
+        chunk.logprobs = [float("nan") if v is None else v for v in values]
+        chunk.top_logprobs = tops
     return chunk
 
 
@@ -377,6 +389,7 @@ def completion_body(
     seed: int | None = None,
     stop: Sequence[str] = (),
     logprobs: int | None = None,
+    echo: bool = False,
     ignore_eos: bool = False,
     extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
@@ -404,6 +417,10 @@ def completion_body(
         body["stop"] = list(stop)
     if logprobs is not None:
         body["logprobs"] = logprobs
+    if echo:
+        # The prompt's logprobs (same k as `logprobs`) in the first chunk; with return_token_ids the prompt's text
+        # is not repeated.
+        body["echo"] = True
     if ignore_eos:
         body["ignore_eos"] = True
     if extra:
@@ -428,6 +445,7 @@ class VllmClient:
         """Stream one completion; `kwargs` as `completion_body`. Closing the iterator (aclose, or breaking out
         of `async for`) closes the HTTP stream, which vLLM turns into an abort of the request."""
         body = completion_body(self.model, prompt_ids, **kwargs)
+        echo = bool(body.get("echo"))
         async with self._http.stream("POST", "/v1/completions", json=body) as resp:
             if resp.status_code != 200:
                 raw = await resp.aread()
@@ -439,7 +457,7 @@ class VllmClient:
             async for data in _sse_data(resp.aiter_lines()):
                 if data.strip() == "[DONE]":
                     return
-                yield parse_completion_chunk(json.loads(data))
+                yield parse_completion_chunk(json.loads(data), echo=echo)
 
     async def get(self, path: str) -> httpx.Response:
         return await self._http.get(path)

@@ -28,6 +28,8 @@ from shrinkserve.server.runtime.types import (
     SamplingParams,
     Step,
     TokenInfo,
+    Unavailable,
+    Unsupported,
 )
 
 
@@ -121,7 +123,14 @@ async def start(prepared: Prepared, metrics: Metrics, capture_top_k: int = 0) ->
         raise APIError(503, f"profile {prepared.rt.name!r} is not loaded", code="profile_not_ready",
                        headers={"Retry-After": "5"})
     need = max(r.max_total_tokens for r in prepared.requests)
+    for r in prepared.requests:
+        r.capture_top_k = capture_top_k
+    # A core that cannot serve some requests (vLLM: no Python logits processors) says so before admission.
+    check = getattr(core, "check_request", None)
     try:
+        if check is not None:
+            for r in prepared.requests:
+                check(r)
         ticket = await core.admit(1, max_total_tokens=need)
     except Busy as exc:
         raise APIError(429, str(exc), code="server_busy",
@@ -131,8 +140,11 @@ async def start(prepared: Prepared, metrics: Metrics, capture_top_k: int = 0) ->
                        headers={"Retry-After": str(max(1, round(exc.retry_after)))}) from exc
     except NeverFits as exc:
         raise bad_request(str(exc), param="max_tokens", code="context_length_exceeded") from exc
-    for r in prepared.requests:
-        r.capture_top_k = capture_top_k
+    except Unavailable as exc:
+        raise APIError(503, str(exc), code="profile_unavailable",
+                       headers={"Retry-After": str(max(1, round(exc.retry_after)))}) from exc
+    except Unsupported as exc:
+        raise bad_request(str(exc), param=exc.param) from exc
     return Run(prepared, ticket, metrics)
 
 
