@@ -102,7 +102,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from shrinkserve.compression.quality import progress_units
-    from shrinkserve.server.engines.loader import load_engine
+    from shrinkserve.server.engines.loader import load_scoring_engine
     from shrinkserve.server.quality_runner import Evaluator, gate_failures
     from shrinkserve.server.runtime.registry import process_rss
 
@@ -119,7 +119,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         record = None if args.force else evaluator.stored(built, spec)
         if record is None:
             before = process_rss()
-            engine = load_engine(built, spec, settings.threads)
+            engine = load_scoring_engine(built, spec, settings.threads)  # vLLM profiles: the PyTorch engine
             resident = max(0, process_rss() - before)
             try:
                 total = progress_units(evalset, len(evalset.token_ids(engine)))

@@ -36,6 +36,7 @@ from shrinkserve.server.engines.vllm_process import (
     TopLogprob,
     VllmClient,
     VllmProcess,
+    VllmRequestError,
     VllmStartError,
 )
 from shrinkserve.server.runtime.core import Admission, Ticket
@@ -325,6 +326,42 @@ class VllmCore:
             with contextlib.suppress(RuntimeError):  # a closed loop: its connections are gone with the child
                 loop.call_soon_threadsafe(lambda c=client: asyncio.ensure_future(c.aclose()))
         self._clients.clear()
+
+    # ------------------------------------------------------------------ checks at load
+
+    def agreement(self, token_ids: list[int], reference_top1: list[int], timeout: float = 600.0) -> float:
+        """Teacher-forced top-1 agreement of vLLM (its prompt logprobs' rank-1 tokens) with a reference on the
+        same tokens: `reference_top1[i]` is the reference's top token after `token_ids[: i + 1]`."""
+        import httpx
+
+        body = {"model": self.process.served_name, "prompt": list(token_ids), "max_tokens": 1, "temperature": 0,
+                "prompt_logprobs": 1, "add_special_tokens": False}
+        with httpx.Client(transport=self.process.endpoint.sync_transport(), timeout=timeout) as c:
+            r = c.post(self.process.base_url + "/v1/completions", json=body)
+        if r.status_code != 200:
+            raise VllmRequestError(r.status_code, r.text)
+        positions = r.json()["choices"][0]["prompt_logprobs"][1:]
+        top1 = [next(int(k) for k, v in d.items() if v.get("rank") == 1) for d in positions]
+        n = min(len(top1), len(reference_top1))
+        return sum(a == b for a, b in zip(top1[:n], reference_top1[:n], strict=True)) / max(1, n)
+
+    def decode_speed(self, prompt_ids: list[int], tokens: int = 32, rounds: int = 3) -> float:
+        """Single-stream greedy decode tokens/s through the child (first token excluded), best of `rounds`."""
+
+        async def once() -> float:
+            client = VllmClient(self.process.endpoint, self.process.served_name)
+            try:
+                stamps = []
+                async for chunk in client.stream_completion(prompt_ids, max_tokens=tokens, temperature=0.0,
+                                                            ignore_eos=True):
+                    if chunk.token_ids:
+                        stamps.append((time.perf_counter(), len(chunk.token_ids)))
+            finally:
+                await client.aclose()
+            produced = sum(n for _, n in stamps[1:])
+            return produced / (stamps[-1][0] - stamps[0][0]) if produced and stamps[-1][0] > stamps[0][0] else 0.0
+
+        return max(asyncio.run(once()) for _ in range(rounds))
 
     # ------------------------------------------------------------------ health
 

@@ -45,6 +45,9 @@ __all__ = ["VENV_ENV", "CompletionChunk", "Endpoint", "TopLogprob", "VllmClient"
            "free_port", "parse_completion_chunk", "relabel_vllm_metrics", "tree_rss_bytes"]
 
 log = logging.getLogger("shrinkserve.vllm")
+# httpx logs every request at INFO: with a child health-checked every 5 s and scraped with /metrics, that would be
+# most of the server's log. Errors still surface through our own messages.
+logging.getLogger("httpx").setLevel(logging.WARNING)
 
 LOOPBACK = "127.0.0.1"
 ENTRYPOINT = "vllm.entrypoints.openai.api_server"
