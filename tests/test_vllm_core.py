@@ -115,7 +115,7 @@ def test_our_eos_ends_the_generation_and_is_counted_not_listed(core: VllmCore) -
 
 
 def test_stop_strings_are_ours_held_back_and_cut(core: VllmCore, tmp_path: Path) -> None:
-    steps = asyncio.run(run(core, request("bcd", 12, stop=("ec",), ignore_eos=True)))
+    steps = asyncio.run(run(core, request("bcd", 40, stop=("ec",), ignore_eos=True)))
     # "cdecdecde...": stop at the first "ec", which is not returned; "e" was held back until "c" decided
     assert text(steps) == "cd" and steps[-1].finish_reason == "stop"
     assert bodies(tmp_path)[0]["stop"] == ["ec"]  # vLLM stops too (it would, with a real one)

@@ -196,6 +196,7 @@ class VllmCore:
         self.restarting = False
         self._active: set[_Generation] = set()
         self._clients: dict[asyncio.AbstractEventLoop, VllmClient] = {}
+        self._pumps: set[asyncio.Task[None]] = set()  # strong references: the loop keeps only weak ones
         self._closed = threading.Event()
         self._monitor = threading.Thread(target=self._watch, args=(health_interval,), name=f"vllm-watch-{name}",
                                          daemon=True)
@@ -243,6 +244,8 @@ class VllmCore:
             if p.max_tokens == 0:  # echo only: vLLM scores the prompt and generates nothing
                 kwargs["max_tokens"] = 0
             pump = asyncio.create_task(self._pump(gen, req.prompt_ids, kwargs))
+            self._pumps.add(pump)
+            pump.add_done_callback(self._pumps.discard)
             first = True
             while True:
                 item = await gen.queue.get()
@@ -274,12 +277,19 @@ class VllmCore:
                             observe(finished)
                     return
         finally:
-            if pump is not None and not pump.done():
-                pump.cancel()  # closes the HTTP stream: vLLM aborts the request
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await pump
-            self._active.discard(gen)
-            ticket.give_back()
+            try:
+                if pump is not None and not pump.done():
+                    # Cancelling the pump closes the HTTP stream: vLLM aborts the request. Waited for with
+                    # asyncio.wait, which never passes our own cancellation on to the pump: when the client went
+                    # away, Starlette's anyio cancel scope re-cancels this task at every await, and an awaited task
+                    # inherits each of those — they hit httpcore's close path again and again and left the
+                    # connection open (vLLM decoding on; seen with the fake server). If we are being cancelled,
+                    # the wait ends at once and the pump finishes closing on its own.
+                    pump.cancel()
+                    await asyncio.wait({pump})
+            finally:
+                self._active.discard(gen)
+                ticket.give_back()
 
     async def _pump(self, gen: _Generation, prompt_ids: list[int], kwargs: dict) -> None:
         try:
