@@ -5,9 +5,10 @@ gptqmodel asks for torch ≥ 2.14.1 and its AWQ took ~100 min here; llm-compress
 AWQ on this CPU in minutes (see compression/awq_gptq_notes.md for the measurements). It pins an older
 transformers, so `make setup` installs it with --no-deps; it works with transformers 5.23 for this use.
 
-We run `oneshot` in memory and export the result ourselves into shrinkserve's quantized checkpoint
-(codes 0..15, per-group scales and zero points), with the library's own rounding, so the served
-weights equal the library's fake-quantized ones exactly. AWQ also rescales RMSNorm weights, which is
+We run `oneshot` in memory and export the result ourselves as a compressed-tensors pack-quantized
+checkpoint (compression/compressed_tensors.py; the layout the library's own `save_compressed` writes, plus
+our optional quantized lm_head), with the library's own rounding, so the served weights equal the
+library's fake-quantized ones exactly. AWQ also rescales RMSNorm weights, which is
 why every non-quantized tensor is exported from the quantized model, not copied from the base.
 """
 
@@ -19,7 +20,8 @@ from typing import Any
 
 import torch
 
-from shrinkserve.compression.quant_format import QuantizedLinear, save_quantized_checkpoint
+from shrinkserve.compression.compressed_tensors import save_compressed_tensors
+from shrinkserve.compression.quant_format import QuantizedLinear
 
 log = logging.getLogger("shrinkserve.awq_gptq")
 
@@ -103,8 +105,7 @@ def quantize_with_library(family: str, dense_dir: Path, out: Path, spec: Any) ->
         quantized["lm_head"] = quantize_tensor(dense[f"{emb_name}.weight"], spec.lm_head_bits, spec.group_size,
                                                spec.symmetric)
     dense = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v) for k, v in dense.items()}
-    save_quantized_checkpoint(out, dense_dir, dense, quantized,
-                              {"method": family, "bits": 4, "group_size": spec.group_size,
-                               "symmetric": spec.symmetric, "lm_head_bits": spec.lm_head_bits,
-                               "library": "llmcompressor"})
+    save_compressed_tensors(out, dense_dir, dense, quantized,
+                            {"method": family, "bits": 4, "group_size": spec.group_size, "symmetric": spec.symmetric,
+                             "lm_head_bits": spec.lm_head_bits, "library": "llmcompressor"})
     return {"quantized_modules": len(quantized), "calibration_samples": len(ids)}

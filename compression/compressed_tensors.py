@@ -347,3 +347,25 @@ def convert_quantized_checkpoint(src: Path, out: Path) -> dict[str, Any]:
         cfg["torch_dtype"] = cfg["dtype"] = str(floats.pop()).removeprefix("torch.")
         cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
     return meta
+
+
+def load_weight_only(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, QuantizedLinear]]:
+    """(meta, dense, quantized) of any weight-only artifact: compressed-tensors (what every handler writes since
+    quant_format 2) or shrinkserve's older own format (artifacts built before, and the rare prequantized import
+    that has no pack-quantized form)."""
+    from shrinkserve.compression.quant_format import load_quantized_checkpoint
+
+    return load_compressed_tensors(path) if is_compressed_tensors_checkpoint(path) else load_quantized_checkpoint(path)
+
+
+def weight_bits(path: Path) -> set[int]:
+    """Bit widths of a weight-only artifact's quantized linears, from its config alone (no tensors read)."""
+    from shrinkserve.compression.quant_format import QUANT_CONFIG
+
+    path = Path(path)
+    if is_compressed_tensors_checkpoint(path):
+        qc = json.loads((path / "config.json").read_text())["quantization_config"]
+        return {int((g.get("weights") or {}).get("num_bits", 0)) for g in (qc.get("config_groups") or {}).values()}
+    if (path / QUANT_CONFIG).is_file():
+        return {int(m["bits"]) for m in json.loads((path / QUANT_CONFIG).read_text())["modules"].values()}
+    return set()

@@ -1,5 +1,9 @@
 """Import a user's pre-quantized 4-bit checkpoint (AutoGPTQ/GPTQModel "gptq" or AutoAWQ "gemm" format)
-into shrinkserve's quantized checkpoint, so it serves through the same CPU kernels.
+as a compressed-tensors pack-quantized checkpoint, so it serves through the same CPU kernels and in vLLM.
+
+One case has no pack-quantized form: a classic GPTQ v1 checkpoint whose stored zero of 15 reads back as 16
+(the v1 "zero - 1" convention wrapping around). Such an import keeps shrinkserve's own weight-only format
+(compression/quant_format.py), which the PyTorch engine still reads; vLLM cannot serve it.
 
 Packed layouts (both int32 words of eight 4-bit values, scales [K/G, N] in fp16):
 - GPTQ: qweight [K/8, N] packed along K (value j of word i is input k = 8i + j); qzeros [K/G, N/8] packed
@@ -11,13 +15,17 @@ Packed layouts (both int32 words of eight 4-bit values, scales [K/G, N] in fp16)
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from shrinkserve.compression.compressed_tensors import pack_linear, save_compressed_tensors
 from shrinkserve.compression.quant_format import QuantizedLinear, save_quantized_checkpoint
 from shrinkserve.compression.rtn import load_dense_state
+
+log = logging.getLogger("shrinkserve.prequantized")
 
 _AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 
@@ -90,11 +98,19 @@ def import_prequantized(model_dir: Path, out: Path) -> dict[str, Any]:
         for suffix in ("qweight", "qzeros", "scales", "g_idx"):
             state.pop(f"{p}.{suffix}", None)
     dense = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v) for k, v in state.items()}
-    save_quantized_checkpoint(out, model_dir, dense, quantized,
-                              {"method": f"import:{method}", "bits": 4, "group_size": group_size,
-                               "symmetric": bool(qc.get("sym", False)), "lm_head_bits": None})
-    # The copied config still describes the source's packed format; ours replaces it.
-    cfg = json.loads((out / "config.json").read_text())
-    cfg.pop("quantization_config", None)
-    (out / "config.json").write_text(json.dumps(cfg, indent=2))
-    return {"quantized_modules": len(quantized), "source_format": method}
+    meta = {"method": f"import:{method}", "bits": 4, "group_size": group_size,
+            "symmetric": bool(qc.get("sym", False)), "lm_head_bits": None}
+    try:
+        for ql in quantized.values():
+            pack_linear(ql)  # raises where a zero point has no pack-quantized form
+    except ValueError as exc:
+        log.warning("%s: %s; imported in shrinkserve's own weight-only format (the PyTorch engine serves it, "
+                    "vLLM cannot)", model_dir, exc)
+        save_quantized_checkpoint(out, model_dir, dense, quantized, meta)
+        # The copied config still describes the source's packed format; ours replaces it.
+        cfg = json.loads((out / "config.json").read_text())
+        cfg.pop("quantization_config", None)
+        (out / "config.json").write_text(json.dumps(cfg, indent=2))
+        return {"quantized_modules": len(quantized), "source_format": method, "format": "shrinkserve"}
+    save_compressed_tensors(out, model_dir, dense, quantized, meta)
+    return {"quantized_modules": len(quantized), "source_format": method, "format": "compressed-tensors"}

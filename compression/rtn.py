@@ -11,7 +11,8 @@ from typing import Any
 
 import torch
 
-from shrinkserve.compression.quant_format import QuantizedLinear, save_quantized_checkpoint
+from shrinkserve.compression.compressed_tensors import save_compressed_tensors
+from shrinkserve.compression.quant_format import QuantizedLinear
 
 
 def load_dense_state(model_dir: Path) -> dict[str, torch.Tensor]:
@@ -54,7 +55,8 @@ def quantize_rtn(
     model_dir: Path, out: Path, *, bits: int, group_size: int = 64, symmetric: bool = False,
     lm_head_bits: int | None = 8,
 ) -> dict[str, Any]:
-    """Quantize every linear of the checkpoint in `model_dir` into a shrinkserve quantized checkpoint at `out`.
+    """Quantize every linear of the checkpoint in `model_dir` into a compressed-tensors pack-quantized checkpoint at
+    `out` (compression/compressed_tensors.py: what vLLM serves and our engine reads).
 
     `lm_head_bits` None keeps the output projection dense (tied to the embedding, as the libraries do).
     """
@@ -77,5 +79,5 @@ def quantize_rtn(
     dense = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v) for k, v in state.items()}
     meta = {"method": "int8" if bits == 8 else "rtn", "bits": bits, "group_size": group_size if bits == 4 else None,
             "symmetric": symmetric, "lm_head_bits": lm_head_bits}
-    save_quantized_checkpoint(out, model_dir, dense, quantized, meta)
+    save_compressed_tensors(out, model_dir, dense, quantized, meta)
     return {"quantized_modules": len(quantized)}

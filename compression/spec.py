@@ -15,9 +15,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from shrinkserve.compression.calibration import CalibrationSpec
+from shrinkserve.compression.engine_options import DeviceRequest, VllmOptions
 from shrinkserve.compression.methods import MethodHandler, MethodOptions, parse_method
 
-__all__ = ["BaseSpec", "CalibrationSpec", "ProfileSpec", "QualityGate", "Step"]
+__all__ = ["BaseSpec", "CalibrationSpec", "ProfileSpec", "QualityGate", "Step", "VllmOptions"]
 
 
 class BaseSpec(BaseModel):
@@ -96,10 +97,15 @@ class ProfileSpec(BaseModel):
     method: str = Field(description="hf | int8 | rtn | awq | gptq | prequantized | gguf:f16 | gguf:<quant type> | "
                                     "gguf:file | distill | any registered method")
     base: str | None = None
-    engine: Literal["llamacpp", "torch"] | None = None
+    engine: Literal["llamacpp", "torch", "vllm"] | None = None
     load: Literal["eager", "lazy"] = Field(default="eager", description="eager: built and loaded at start; lazy: on "
                                                                    "first use. Unset: the method's default (lazy "
                                                                    "for distill, whose build trains a model)")
+    # Where the PyTorch engine runs (and, for `engine: vllm`, which vLLM build is expected): auto = CUDA when
+    # torch sees a GPU, else CPU. llama.cpp is a CPU build here.
+    device: DeviceRequest = "auto"
+    # `engine: vllm` only: the managed vLLM server's options (compression/engine_options.py).
+    vllm: VllmOptions | None = None
     path: Path | None = Field(default=None, description="for gguf:file — a GGUF file served as-is")
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     threads: int | None = Field(default=None, ge=1)
@@ -159,6 +165,7 @@ class ProfileSpec(BaseModel):
     @model_validator(mode="after")
     def _resolve_steps(self) -> ProfileSpec:
         flat = {f: getattr(self, f) for f in _FLAT_RECIPE_FIELDS if f in self.model_fields_set}
+        explicit_vllm = self.engine == "vllm"
         handler, _ = parse_method(self.method)
         declared = set(handler.Options.model_fields)
         meaningless = sorted(set(flat) - declared)
@@ -171,8 +178,8 @@ class ProfileSpec(BaseModel):
             raise ValueError(f"method {self.method!r} needs 'path'")
         if self.path is not None and not self.path.expanduser().is_file():
             raise ValueError(f"path {self.path} is not a file")
-        steps = [_step(self.method, {**flat, **self.options}, "")]
         assert isinstance(self.then, list)  # _then_list made it one
+        parsed: list[tuple[str, dict[str, Any], str]] = [(self.method, {**flat, **self.options}, "")]
         for i, item in enumerate(self.then):
             if isinstance(item, str):
                 method, fields = item, {}
@@ -181,11 +188,20 @@ class ProfileSpec(BaseModel):
                 method = fields.pop("method", None)
                 if not isinstance(method, str):
                     raise ValueError(f"then[{i}]: a step needs 'method' (e.g. {{method: rtn, group_size: 32}})")
-            step = _step(method, fields, f"then[{i}]: ")
+            parsed.append((method, fields, f"then[{i}]: "))
+        if explicit_vllm:
+            # vLLM keeps a tied output projection dense (what the libraries write); a quantized head is an extra
+            # copy it serves only where it has a kernel for it. So for vLLM the served step's head defaults to dense.
+            method, fields, where = parsed[-1]
+            if "lm_head_bits" in parse_method(method)[0].Options.model_fields and "lm_head_bits" not in fields:
+                parsed[-1] = (method, {**fields, "lm_head_bits": None}, where)
+        steps = [_step(*parsed[0])]
+        for method, fields, where in parsed[1:]:
+            step = _step(method, fields, where)
             prev = steps[-1]
             if prev.handler.output not in step.handler.accepts:
                 takes = " or ".join(step.handler.accepts) or "only a base"
-                raise ValueError(f"then[{i}]: {step.method!r} takes {takes}, but {prev.method!r} produces "
+                raise ValueError(f"{where}{step.method!r} takes {takes}, but {prev.method!r} produces "
                                  f"a {prev.handler.output} artifact")
             steps.append(step)
         self._steps = steps
@@ -199,7 +215,46 @@ class ProfileSpec(BaseModel):
             self.engine = last.engines[0]  # type: ignore[assignment]
         elif self.engine not in last.engines:
             raise ValueError(f"method {self.pipeline!r} cannot run on engine {self.engine!r}")
+        self._check_engine_fields()
         return self
+
+    def _check_engine_fields(self) -> None:
+        """Engine options that mean nothing for this profile's engine or device are errors, never ignored."""
+        if self.engine == "llamacpp" and self.device == "cuda":
+            raise ValueError("device: cuda means nothing for engine llamacpp (a CPU build of llama.cpp); "
+                             "GGUF profiles run on the CPU")
+        if self.engine != "vllm":
+            if self.vllm is not None:
+                raise ValueError(f"'vllm' options only apply to engine: vllm (this profile runs on {self.engine})")
+            return
+        v = self.vllm or VllmOptions()
+        given = v.model_fields_set
+        if "threads" in self.model_fields_set:
+            raise ValueError("'threads' means nothing for engine vllm: vLLM-CPU binds its own OpenMP threads "
+                             "(vllm.cpu_threads_bind)")
+        if self.context_length is not None and v.max_model_len is not None:
+            raise ValueError("context length given twice: 'context_length' and 'vllm.max_model_len'")
+        if "dtype" in self.model_fields_set and v.dtype is not None:
+            raise ValueError("dtype given twice: 'dtype' and 'vllm.dtype'")
+        if self.device == "cpu":
+            if v.gpu_memory_utilization is not None:
+                raise ValueError("vllm.gpu_memory_utilization means nothing with device: cpu")
+            if v.tensor_parallel_size > 1:
+                raise ValueError("vllm.tensor_parallel_size > 1 needs GPUs (device: cuda or auto)")
+            if why := self.vllm_8bit_weights():
+                raise ValueError(f"{why}: vLLM-CPU has no 8-bit weight-only kernel (start-up fails). Use "
+                                 "lm_head_bits: null (dense tied head) or 4, a 4-bit method, or device: cuda")
+        if self.device == "cuda" and given & {"cpu_kvcache_space_gib", "cpu_threads_bind"}:
+            raise ValueError("vllm.cpu_kvcache_space_gib / cpu_threads_bind mean nothing with device: cuda")
+
+    def vllm_8bit_weights(self) -> str | None:
+        """What of the served artifact is 8-bit weight-only (vLLM runs it on GPUs only), or None."""
+        last = self._steps[-1]
+        if last.handler.name == "int8":
+            return "method int8 (8-bit linears)"
+        if getattr(last.options, "lm_head_bits", None) == 8:
+            return "lm_head_bits: 8 (an 8-bit output projection)"
+        return None
 
     # ---------------------------------------------------------------- derived views
     @property

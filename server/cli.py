@@ -102,7 +102,7 @@ def _evaluate(args: argparse.Namespace, settings: Settings, builder: ProfileBuil
     """Measure each profile (unless a record exists and not --force), print its record; 1 if a gate failed."""
     from tqdm import tqdm
 
-    from shrinkserve.server.engines.loader import load_engine
+    from shrinkserve.server.engines.loader import load_scoring_engine
     from shrinkserve.server.quality_runner import Evaluator, gate_failures
     from shrinkserve.server.runtime.registry import process_rss
 
@@ -115,7 +115,7 @@ def _evaluate(args: argparse.Namespace, settings: Settings, builder: ProfileBuil
         record = None if args.force else evaluator.stored(built, spec)
         if record is None:
             before = process_rss()
-            engine = load_engine(built, spec, settings.threads)
+            engine = load_scoring_engine(built, spec, settings.threads)  # vLLM profiles: the PyTorch engine
             resident = max(0, process_rss() - before)
             try:
                 total = evaluator.progress_total(name, spec, engine)

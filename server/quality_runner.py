@@ -1,4 +1,11 @@
-"""Runs a profile's evaluation against its base and stores the record; shared by the server and `shrinkserve eval`."""
+"""Runs a profile's evaluation against its base and stores the record; shared by the server and `shrinkserve eval`.
+
+vLLM profiles are scored by the PyTorch engine on the same artifact (`run_artifact`): perplexity, KL, top-1
+and tasks need full-vocabulary logprobs, vLLM gives top-k. Their record also keeps `engine_check`: the
+PyTorch engine's teacher-forced top-1 on the first held-out tokens, against which the running vLLM server is
+checked at every load (`record["vllm"]`, a cheap agreement check; below `evaluation.min_vllm_agreement` the
+profile is rejected like a failed gate: vLLM would not be serving what was scored).
+"""
 
 from __future__ import annotations
 
@@ -22,6 +29,7 @@ from shrinkserve.compression.quality import (
     progress_units,
     task_score,
 )
+from shrinkserve.compression.scoring import chunked_logprobs
 from shrinkserve.server.engines.base import Engine
 
 log = logging.getLogger("shrinkserve.quality")
@@ -121,6 +129,9 @@ class Evaluator:
                 record["traffic"] = self._traffic(name, engine, tick)
             record.update(bytes=built.bytes, resident_bytes=resident_bytes, method=spec.method,
                           variant=quality_store.variant(spec))
+            if spec.engine == "vllm":
+                record["scored_by"] = f"torch ({getattr(engine, 'device', 'cpu')}, {spec.dtype})"
+                record["engine_check"] = engine_check_reference(engine, self.evalset)
             quality_store.save(self.builder.cache, built, spec, record)
             log.info("profile %s: ppl %.3f (x%.3f), KL %.4f, top-1 %.3f, tasks %.2f, %.1f tok/s", name,
                      record["perplexity"], record["ppl_ratio"], record["kl"], record["top1"], record["task_score"],
@@ -150,6 +161,19 @@ class Evaluator:
         return {**score, "teacher_key": held.teacher_identity, "student_key": held.student_key,
                 "max_tokens": self.traffic_tokens}
 
+    def run_artifact(self, name: str, built: BuiltProfile, spec: ProfileSpec, *,
+                     progress: Progress | None = None) -> dict[str, Any]:
+        """Score a profile whose serving engine cannot be scored (vLLM) on the PyTorch engine, loaded for this
+        evaluation only and freed afterwards (before the vLLM server starts: the two never hold the model at once)."""
+        from shrinkserve.server.engines.loader import load_scoring_engine
+
+        engine = load_scoring_engine(built, spec, self.threads)
+        try:
+            return self.run(name, built, spec, engine, progress=progress)
+        finally:
+            engine.close()
+            gc.collect()
+
     def shutdown(self) -> None:
         """Stop a running evaluation (before the engines it uses are closed) and free the reference."""
         self._stop.set()
@@ -165,7 +189,29 @@ class Evaluator:
                 gc.collect()
 
 
+ENGINE_CHECK_TOKENS = 256
+
+
+def engine_check_reference(engine: Engine, evalset: EvalSet, n: int = ENGINE_CHECK_TOKENS) -> dict[str, Any]:
+    """The scoring engine's teacher-forced top-1 on the first `n` held-out tokens: what a vLLM server serving the
+    same artifact must reproduce (its prompt logprobs' rank-1 tokens)."""
+    ids = engine.tokenize(evalset.text, add_special=False)[:n]
+    seq = engine.new_sequence()
+    try:
+        top1 = [int(i) for i in chunked_logprobs(seq, ids, engine.max_batch).argmax(axis=1)]
+    finally:
+        seq.close()
+    return {"token_ids": ids, "top1": top1}
+
+
 def gate_failures(record: dict[str, Any] | None, spec: ProfileSpec) -> list[str]:
+    failures = []
+    check = (record or {}).get("vllm")
+    if check and check.get("top1_agreement") is not None and check["top1_agreement"] < check["min_agreement"]:
+        # Not a gate the operator set: the scored record would not describe what vLLM serves.
+        failures.append(f"vLLM's top-1 agreement with the PyTorch engine on the same artifact "
+                        f"{check['top1_agreement']:.4g} is below the minimum {check['min_agreement']:g} "
+                        f"(evaluation.min_vllm_agreement): vLLM does not serve what was scored")
     if spec.gate is None or record is None:
-        return []
-    return list(iter_gate_failures(record, spec.gate))
+        return failures
+    return failures + list(iter_gate_failures(record, spec.gate))

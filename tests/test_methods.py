@@ -53,11 +53,44 @@ def key_of(tmp_path: Path, profile: dict[str, Any], hf_dir: Path | None = None) 
     ({"method": "hf", "then": "gguf:q4_k_m", "engine": "torch"}, "'hf+gguf:q4_k_m' cannot run on engine 'torch'"),
     ({"method": "gguf:q9_x"}, "unknown method 'gguf:q9_x'"),
     ({"method": "gguf:file"}, "method 'gguf:file' needs 'path'"),
+    # engine options that mean nothing for the profile's engine or device
+    ({"method": "gguf:q8_0", "engine": "vllm"}, "'gguf:q8_0' cannot run on engine 'vllm'"),
+    ({"method": "gguf:q8_0", "device": "cuda"}, "device: cuda means nothing for engine llamacpp"),
+    ({"method": "hf", "vllm": {"enforce_eager": True}}, "'vllm' options only apply to engine: vllm"),
+    ({"method": "hf", "engine": "vllm", "vllm": {"no_such_flag": 1}}, "no_such_flag"),
+    ({"method": "hf", "engine": "vllm", "threads": 2}, "'threads' means nothing for engine vllm"),
+    ({"method": "hf", "engine": "vllm", "context_length": 512, "vllm": {"max_model_len": 512}},
+     "context length given twice"),
+    ({"method": "hf", "engine": "vllm", "dtype": "float16", "vllm": {"dtype": "bfloat16"}}, "dtype given twice"),
+    ({"method": "int8", "engine": "vllm", "device": "cpu"}, "vLLM-CPU has no 8-bit weight-only kernel"),
+    ({"method": "rtn", "engine": "vllm", "device": "cpu", "lm_head_bits": 8}, "lm_head_bits: 8 (an 8-bit output"),
+    ({"method": "hf", "then": [{"method": "awq", "lm_head_bits": 8}], "engine": "vllm", "device": "cpu"},
+     "vLLM-CPU has no 8-bit weight-only kernel"),
+    ({"method": "hf", "engine": "vllm", "device": "cpu", "vllm": {"gpu_memory_utilization": 0.8}},
+     "gpu_memory_utilization means nothing with device: cpu"),
+    ({"method": "hf", "engine": "vllm", "device": "cpu", "vllm": {"tensor_parallel_size": 2}}, "needs GPUs"),
+    ({"method": "hf", "engine": "vllm", "device": "cuda", "vllm": {"cpu_kvcache_space_gib": 4}},
+     "mean nothing with device: cuda"),
 ])
 def test_meaningless_or_invalid_options_are_rejected(profile: dict[str, Any], message: str) -> None:
     with pytest.raises(ValidationError) as info:
         ProfileSpec(**profile)
     assert message in str(info.value)
+
+
+def test_vllm_profiles_default_to_a_dense_head_and_take_their_options() -> None:
+    """vLLM keeps a tied head dense (and has no 8-bit kernel on CPU): unless lm_head_bits is given, the served
+    step of an `engine: vllm` profile keeps it dense; an explicit value stays (checked against the device)."""
+    assert ProfileSpec(method="awq", engine="vllm").recipe.lm_head_bits is None  # type: ignore[attr-defined]
+    assert ProfileSpec(method="awq").recipe.lm_head_bits == 8  # type: ignore[attr-defined]
+    assert ProfileSpec(method="rtn", engine="vllm", lm_head_bits=4).recipe.lm_head_bits == 4  # type: ignore[attr-defined]
+    chained = ProfileSpec(method="hf", then=["rtn"], engine="vllm")
+    assert chained.steps[-1].options.lm_head_bits is None  # type: ignore[attr-defined]
+    gpu = ProfileSpec(method="int8", engine="vllm", device="cuda", vllm={"tensor_parallel_size": 2,
+                                                                       "gpu_memory_utilization": 0.85})
+    assert gpu.vllm is not None and gpu.vllm.tensor_parallel_size == 2
+    assert gpu.vllm_8bit_weights() == "method int8 (8-bit linears)"
+    assert ProfileSpec(method="hf", engine="vllm").vllm_8bit_weights() is None
 
 
 def test_flat_yaml_keeps_its_attributes_and_chains_resolve() -> None:
@@ -142,7 +175,7 @@ def test_key_changes_with_each_recipe_field_and_nothing_else(tmp_path: Path, hf_
         assert key is not None and key == key_of(tmp_path, profile, hf_dir)  # stable
     # Serving and runtime fields never change the artifact.
     same = [{"load": "lazy"}, {"max_concurrency": 4}, {"max_queue": 3}, {"threads": 1}, {"context_length": 256},
-            {"gate": {"max_kl": 0.1}}, {"is_teacher": True}, {"capture": False}]
+            {"gate": {"max_kl": 0.1}}, {"is_teacher": True}, {"capture": False}, {"device": "cpu"}]
     if "torch" in parse_method(profile["method"])[0].engines:
         same.append({"dtype": "float32"})
     for extra in same:

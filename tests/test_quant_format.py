@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from shrinkserve.compression.compressed_tensors import is_compressed_tensors_checkpoint, load_weight_only
 from shrinkserve.compression.prequantized import import_prequantized
 from shrinkserve.compression.quant_format import (
     QuantizedLinear,
@@ -99,13 +100,32 @@ def test_gptq_import_recovers_codes_scales_and_zeros(tmp_path: Path, v2: bool) -
     out = tmp_path / "out"
     out.mkdir()
     import_prequantized(_write_source(tmp_path, tensors, qc), out)
-    _, dense, quantized = load_quantized_checkpoint(out)
+    _, dense, quantized = load_weight_only(out)
     got = quantized["layer"]
     assert torch.equal(got.codes, q)
     expected_z = stored_zeros.clamp(min=0).t() + (0 if v2 else 1)
     assert torch.equal(got.zeros, expected_z.float())
     assert torch.allclose(got.scales, s.half().float())
     assert set(dense) == {"model.norm.weight"}
+    # Stored as compressed-tensors: the source's GPTQ config is replaced by the pack-quantized one.
+    assert is_compressed_tensors_checkpoint(out)
+
+
+def test_gptq_v1_zero_of_16_keeps_our_own_format(tmp_path: Path) -> None:
+    """A v1 stored zero of 15 reads back as 16: no pack-quantized form, so the import keeps our format (still
+    served by the PyTorch engine) instead of failing."""
+    q, s, z = _codes(5)
+    stored = z.t().clone()
+    stored[0, 0] = 15  # → zero 16
+    tensors = {"layer.qweight": _gptq_pack(q.t().contiguous()), "layer.qzeros": _col_pack(stored, list(range(8))),
+               "layer.scales": s.t().contiguous().half(), "layer.g_idx": torch.arange(K, dtype=torch.int32) // G}
+    out = tmp_path / "out"
+    out.mkdir()
+    info = import_prequantized(_write_source(tmp_path, tensors, {"quant_method": "gptq", "bits": 4,
+                                                                 "group_size": G}), out)
+    assert info["format"] == "shrinkserve" and not is_compressed_tensors_checkpoint(out)
+    got = load_weight_only(out)[2]["layer"]
+    assert float(got.zeros[0, 0]) == 16.0 and torch.equal(got.codes, q)
     assert "quantization_config" not in json.loads((out / "config.json").read_text())
 
 
@@ -121,7 +141,7 @@ def test_awq_import_undoes_the_interleaved_order(tmp_path: Path) -> None:
     out.mkdir()
     import_prequantized(_write_source(tmp_path, tensors,
                                       {"quant_method": "awq", "bits": 4, "group_size": G, "version": "gemm"}), out)
-    got = load_quantized_checkpoint(out)[2]["layer"]
+    got = load_weight_only(out)[2]["layer"]
     assert torch.equal(got.codes, q)
     assert torch.equal(got.zeros, z)
 

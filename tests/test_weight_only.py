@@ -80,7 +80,7 @@ def test_quantized_manifest_records_the_recipe(server: ServerProcess, cache_dir:
     rtn = [m for m in manifests if m["recipe"].get("kind") == "rtn" and m["recipe"].get("group_size") == 64]
     assert rtn, [m["name"] for m in manifests]
     assert rtn[0]["recipe"]["lm_head_bits"] == 8 and rtn[0]["recipe"]["symmetric"] is False
-    assert "shrinkserve_quant.json" in rtn[0]["files"]
+    assert "shrinkserve_compressed_tensors.json" in rtn[0]["files"]  # stored as compressed-tensors
 
 
 # ------------------------------------------------------------------ AWQ / GPTQ (llm-compressor)

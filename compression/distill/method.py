@@ -53,7 +53,7 @@ def _data_paths(job: BuildJob) -> list[Path]:
 @register_method("distill")
 class Distill(MethodHandler):
     Options = DistillMethodOptions
-    engines = ("torch",)
+    engines = ("torch", "vllm")
     output: ClassVar[ArtifactKind] = "hf"
     accepts: ClassVar[tuple[ArtifactKind, ...]] = ()  # a profile's first method: its input is a teacher
     tools = ("torch", "transformers")

@@ -21,7 +21,7 @@ class HfOptions(MethodOptions):
 @register_method("hf")
 class Hf(MethodHandler):
     Options = HfOptions
-    engines = ("torch",)
+    engines = ("torch", "vllm")
     output: ClassVar[ArtifactKind] = "hf"
 
     def plan(self, opts: MethodOptions, ctx: PlanContext) -> Node:

@@ -1,6 +1,7 @@
-"""Weight-only quantization in our own format (compression/quant_format.py), served by the PyTorch
-engine through shrinkserve.kernels: int8 (per channel), rtn (4-bit per group), and prequantized (a user's
-GPTQ/AWQ checkpoint as the base, converted)."""
+"""Weight-only quantization, stored as compressed-tensors pack-quantized checkpoints
+(compression/compressed_tensors.py) and served by the PyTorch engine through shrinkserve.kernels or by vLLM:
+int8 (per channel, symmetric), rtn (4-bit per group), and prequantized (a user's GPTQ/AWQ checkpoint as the
+base, converted)."""
 
 from __future__ import annotations
 
@@ -23,10 +24,12 @@ GroupSize = Literal[32, 64, 128]
 
 
 class WeightOnlyHandler(MethodHandler):
-    engines = ("torch",)
+    engines = ("torch", "vllm")
     output: ClassVar[ArtifactKind] = "quantized"
     tools = ("torch", "transformers")
-    tool_constants: ClassVar[Mapping[str, str]] = {"quant_format": "1"}
+    # 1: shrinkserve's own format (compression/quant_format.py); 2: compressed-tensors pack-quantized. Artifacts of
+    # format 1 stay readable; the new value gives every weight-only profile a new key, so it rebuilds once.
+    tool_constants: ClassVar[Mapping[str, str]] = {"quant_format": "2"}
 
     def inputs(self, opts: MethodOptions, ctx: PlanContext) -> dict[str, Node]:
         return {"base_hf": ctx.hf()}

@@ -2,7 +2,7 @@
 
 `select_device` takes what the process can see (CUDA present, device count, compute capability) as
 arguments, so every branch is unit-tested on a CPU-only box; `probe_cuda` reads those facts from torch.
-The rules (see docs/int4-cuda-plan.md for the int4 path and its measurements-to-do):
+The rules (see docs/int4-cuda-plan.md for the int4 CUDA kernel that is planned and its measurements-to-do):
 
 * `auto` = CUDA when a device is visible, else CPU. `cuda` without a visible device is a configuration
   error, not a silent CPU fallback: a GPU deployment that runs on CPU is the bug issue 12 fixes.
@@ -10,8 +10,11 @@ The rules (see docs/int4-cuda-plan.md for the int4 path and its measurements-to-
   (compute capability < 8.0). CPU keeps the profile's dtype, as today.
 * int8 weight-only: torch's `_weight_int8pack_mm` has no CUDA kernel, so on CUDA the codes are dequantized
   to the compute dtype at load (2x the int8 bytes, still fits: it is the GPU path for `int8` profiles).
-* int4 (rtn/awq/gptq/prequantized): `_weight_int4pack_mm` (tinygemm) needs sm80+ and bf16; older GPUs
-  dequantize on load. On CPU: `_weight_int4pack_mm_for_cpu`, as today.
+* int4 (rtn/awq/gptq/prequantized): dequantized to the compute dtype at load on every GPU for now. torch's
+  CUDA tinygemm (`_weight_int4pack_mm`, sm80+, bf16) has a different packed layout from the CPU one, and no
+  GPU was available to verify a repacking against the reference: a wrong layout would serve garbage
+  silently, a dequantized weight cannot. On CPU: `_weight_int4pack_mm_for_cpu`, as always.
+The kernels (shrinkserve.kernels) stay CPU-only and pure; the choice is made here, at load.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import Literal
 
 DeviceRequest = Literal["auto", "cpu", "cuda"]
 WeightKind = Literal["dense", "int8", "int4"]
-Int4Path = Literal["cpu-int4pack", "cuda-int4pack", "dequantize"]
+Int4Path = Literal["cpu-int4pack", "dequantize"]
 Int8Path = Literal["cpu-int8pack", "dequantize"]
 
 BF16_MIN_CAPABILITY = (8, 0)  # Ampere: bf16 tensor cores, and the minimum of torch's CUDA int4 tinygemm
@@ -47,6 +50,14 @@ class Placement:
     int8_path: Int8Path | None
     reason: str  # one line for the log and /v1/models
 
+    @property
+    def weights(self) -> Literal["kernels", "dequantize"] | None:
+        """How weight-only linears load: our CPU kernels, dense weights dequantized at load, or None (dense)."""
+        paths = {self.int4_path, self.int8_path} - {None}
+        if not paths:
+            return None
+        return "dequantize" if "dequantize" in paths else "kernels"
+
 
 def select_device(requested: DeviceRequest, dtype: str, weights: WeightKind, cuda: CudaFacts) -> Placement:
     """Pure: the placement of one PyTorch-engine profile. Raises DeviceUnavailable for `cuda` without CUDA."""
@@ -66,10 +77,7 @@ def select_device(requested: DeviceRequest, dtype: str, weights: WeightKind, cud
     modern = cap >= BF16_MIN_CAPABILITY
     # bf16 (the default) falls back to fp16 before sm80; an explicit fp16 or fp32 is kept.
     compute = "float16" if dtype == "bfloat16" and not modern else dtype
-    int4: Int4Path | None = None
-    if weights == "int4":
-        # tinygemm's CUDA kernel is bf16-only and sm80+; an fp32 profile or an older GPU dequantizes instead.
-        int4 = "cuda-int4pack" if modern and compute == "bfloat16" else "dequantize"
+    int4: Int4Path | None = "dequantize" if weights == "int4" else None
     int8: Int8Path | None = "dequantize" if weights == "int8" else None
     gpu = f"{cuda.name or 'GPU'} (sm{cap[0]}{cap[1]})"
     why = f"device: {requested} → cuda:0 {gpu}, {compute}"

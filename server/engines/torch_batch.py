@@ -117,8 +117,8 @@ def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: PackedKV
         mask = None
         if seg.n > 1:  # a prefill chunk after `past` cached positions: causal within the chunk
             past = k.shape[1] - seg.n
-            rows = torch.arange(seg.n).unsqueeze(1) + past
-            mask = torch.arange(k.shape[1]).unsqueeze(0) <= rows
+            rows = torch.arange(seg.n, device=q.device).unsqueeze(1) + past
+            mask = torch.arange(k.shape[1], device=q.device).unsqueeze(0) <= rows
         o = F.scaled_dot_product_attention(q, k.unsqueeze(0), v.unsqueeze(0), attn_mask=mask, scale=scaling,
                                            enable_gqa=True)
         outs.append(o)
@@ -132,8 +132,10 @@ def register() -> None:
     AttentionInterface.register(ATTN_NAME, packed_attention)
 
 
-def packed_forward(model: torch.nn.Module, work: Seq[tuple[SeqKV, Seq[int], bool]]) -> list[torch.Tensor]:
-    """One forward; per item (kv, new ids, all_logits) float32 logits [n or 1, vocab]. Advances each kv."""
+def packed_forward(model: torch.nn.Module, work: Seq[tuple[SeqKV, Seq[int], bool]], *,
+                   device: str | torch.device = "cpu") -> list[torch.Tensor]:
+    """One forward; per item (kv, new ids, all_logits) float32 logits [n or 1, vocab] on `device` (the model's).
+    Advances each kv."""
     ids: list[int] = []
     pos: list[int] = []
     keep: list[int] = []
@@ -146,8 +148,9 @@ def packed_forward(model: torch.nn.Module, work: Seq[tuple[SeqKV, Seq[int], bool
         keep.extend(range(start, start + len(new)) if all_logits else [start + len(new) - 1])
         spans.append((first, len(keep)))
     cache = PackedStep([w[0] for w in work], [len(w[1]) for w in work])
-    out = model(input_ids=torch.tensor([ids], dtype=torch.long), position_ids=torch.tensor([pos], dtype=torch.long),
-                cache=cache, use_cache=True, logits_to_keep=torch.tensor(keep, dtype=torch.long))
+    out = model(input_ids=torch.tensor([ids], dtype=torch.long, device=device),
+                position_ids=torch.tensor([pos], dtype=torch.long, device=device),
+                cache=cache, use_cache=True, logits_to_keep=torch.tensor(keep, dtype=torch.long, device=device))
     cache.finish()
     logits = out.logits[0].float()
     return [logits[a:b] for a, b in spans]

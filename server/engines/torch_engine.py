@@ -1,4 +1,5 @@
-"""PyTorch / transformers engine for HF checkpoints (full precision, and weight-only low-bit kernels)."""
+"""PyTorch / transformers engine for HF checkpoints (full precision, and weight-only low-bit kernels), on CPU
+or CUDA (`device`, decided by server/engines/device.py)."""
 
 from __future__ import annotations
 
@@ -9,39 +10,13 @@ from pathlib import Path
 
 import numpy as np
 
+from shrinkserve.compression.engine_options import DeviceRequest
 from shrinkserve.server.engines.base import CPU, BatchModel, Engine, Slot, ThreadTuner, Work
+from shrinkserve.server.engines.device import Placement, probe_cuda, select_device
+from shrinkserve.server.engines.hf_tokenizer import HfTokenizer
 from shrinkserve.server.engines.torch_batch import SeqKV, packed_forward
 
 log = logging.getLogger("shrinkserve.torch")
-
-
-def _byte_decoder() -> dict[str, int]:
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    return {u: b for b, u in bytes_to_unicode().items()}
-
-
-def token_pieces(tokenizer: object) -> list[bytes]:
-    """Each token's output bytes, so partial UTF-8 across tokens is reassembled exactly.
-
-    Byte-level BPE vocabularies (GPT-2 style) map each byte to a printable character; SentencePiece
-    ones use '▁' for spaces and `<0xNN>` for byte fallback. Special tokens contribute nothing.
-    """
-    vocab: dict[str, int] = tokenizer.get_vocab()  # type: ignore[attr-defined]
-    special = set(tokenizer.all_special_ids)  # type: ignore[attr-defined]
-    decoder = _byte_decoder()
-    size = max(vocab.values()) + 1
-    pieces = [b""] * size
-    for tok, idx in vocab.items():
-        if idx in special:
-            continue
-        if all(ch in decoder for ch in tok):
-            pieces[idx] = bytes(decoder[ch] for ch in tok)
-        elif len(tok) == 6 and tok.startswith("<0x") and tok.endswith(">"):
-            pieces[idx] = bytes([int(tok[3:5], 16)])
-        else:
-            pieces[idx] = tok.replace("▁", " ").encode("utf-8")
-    return pieces
 
 
 class TorchBatch(BatchModel):
@@ -83,29 +58,44 @@ class TorchBatch(BatchModel):
         self.check(work)
         engine = self._engine
         n = sum(len(w.ids) for w in work)
-        want = self._tuner.pick(n)
-        # torch's thread count is process-wide: forwards with another count wait (CpuBudget group).
-        with CPU.use(want, group="torch", tag=want) as threads, torch.inference_mode():
-            if torch.get_num_threads() != threads:
-                torch.set_num_threads(threads)
-            t0 = time.perf_counter()
-            if engine.packed:
-                out = packed_forward(engine.model, [(self._cache(w.slot), w.ids, w.all_logits) for w in work])
-            else:
-                out = [engine.model(input_ids=torch.tensor([list(w.ids)], dtype=torch.long), cache=self._cache(w.slot),
-                                    use_cache=True, logits_to_keep=0 if w.all_logits else 1).logits[0].float()
-                       for w in work]
-            rows = [o.numpy() for o in out]
-            self._tuner.record(n, threads, time.perf_counter() - t0)
+        if engine.device != "cpu":
+            # On a GPU the forward barely uses CPU threads: no thread budget, no tuning.
+            with torch.inference_mode():
+                rows = [o.cpu().numpy() for o in self._forward(work)]
+        else:
+            want = self._tuner.pick(n)
+            # torch's thread count is process-wide: forwards with another count wait (CpuBudget group).
+            with CPU.use(want, group="torch", tag=want) as threads, torch.inference_mode():
+                if torch.get_num_threads() != threads:
+                    torch.set_num_threads(threads)
+                t0 = time.perf_counter()
+                rows = [o.numpy() for o in self._forward(work)]
+                self._tuner.record(n, threads, time.perf_counter() - t0)
         for w in work:
             w.slot.tokens.extend(w.ids)
         return rows
+
+    def _forward(self, work: Seq[Work]) -> list[object]:
+        import torch
+
+        engine = self._engine
+        if engine.packed:
+            return packed_forward(engine.model, [(self._cache(w.slot), w.ids, w.all_logits) for w in work],
+                                  device=engine.device)
+        return [engine.model(input_ids=torch.tensor([list(w.ids)], dtype=torch.long, device=engine.device),
+                             cache=self._cache(w.slot), use_cache=True,
+                             logits_to_keep=0 if w.all_logits else 1).logits[0].float()
+                for w in work]
 
     def close(self) -> None:
         self._kv.clear()
 
 
 class TorchEngine(Engine):
+    """An HF checkpoint on CPU or CUDA. `device` auto|cpu|cuda goes through `select_device`; on CUDA the dense parts
+    run in bf16 (fp16 before sm80) and weight-only linears are dequantized at load (kernels/ is CPU-only: the
+    choice is made here, at load, never inside a kernel). `dequantize=True` forces that path on CPU too (tests)."""
+
     name = "torch"
 
     def __init__(
@@ -116,40 +106,41 @@ class TorchEngine(Engine):
         dtype: str = "bfloat16",
         context_length: int | None = None,
         max_batch: int = 512,
+        device: DeviceRequest = "cpu",
+        dequantize: bool = False,
     ) -> None:
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
+
+        from shrinkserve.compression.compressed_tensors import weight_bits
 
         self.threads = threads
         self.max_batch = max_batch
-        from shrinkserve.compression.compressed_tensors import is_compressed_tensors_checkpoint
-        from shrinkserve.compression.quant_format import is_quantized_checkpoint
-
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        bits = weight_bits(path)
+        quantized = bool(bits)
+        kind = "int4" if 4 in bits else "int8" if bits else "dense"
+        self.placement: Placement = select_device(device, dtype, kind, probe_cuda())
+        self.device = self.placement.device
+        compute = getattr(torch, self.placement.dtype)
+        log.info("%s: %s", path, self.placement.reason)
+        hf = HfTokenizer(path, context_length=context_length, name="torch")
+        self.tokenizer = hf.tokenizer
         # Never transformers' own compressed-tensors loader: it mis-shapes packed zero points.
-        if is_quantized_checkpoint(path) or is_compressed_tensors_checkpoint(path):
+        if quantized:
             from shrinkserve.server.engines.torch_quant import load_quantized_model
 
-            self.model = load_quantized_model(path, getattr(torch, dtype))
+            self.model = load_quantized_model(path, compute,
+                                              dequantize=dequantize or self.placement.weights == "dequantize")
         else:
-            self.model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
-        self.model.eval()
-        cfg = self.model.config
-        train_ctx = int(getattr(cfg, "max_position_embeddings", 2048))
-        self.context_length = min(context_length or train_ctx, train_ctx)
-        self.vocab_size = int(cfg.vocab_size)
-        self._pieces = token_pieces(self.tokenizer)
-        self._pieces += [b""] * max(0, self.vocab_size - len(self._pieces))
-        eos: set[int] = set()
-        for source in (getattr(self.model.generation_config, "eos_token_id", None), self.tokenizer.eos_token_id):
-            if isinstance(source, int):
-                eos.add(source)
-            elif source:
-                eos.update(source)
-        self.eos_token_ids = frozenset(eos)
-        self.bos_token = self.tokenizer.bos_token
-        self.eos_token = self.tokenizer.eos_token
-        self.chat_template = self.tokenizer.chat_template
+            self.model = AutoModelForCausalLM.from_pretrained(path, dtype=compute)
+        self.model.to(self.device).eval()
+        self.context_length = hf.context_length
+        self.vocab_size = int(self.model.config.vocab_size)
+        self._pieces = hf._pieces + [b""] * max(0, self.vocab_size - len(hf._pieces))
+        self.eos_token_ids = hf.eos_token_ids
+        self.bos_token = hf.bos_token
+        self.eos_token = hf.eos_token
+        self.chat_template = hf.chat_template
         self.thread_candidates = sorted({threads, max(1, threads // 2)})
         self.packed = self._use_packed()
 
@@ -163,13 +154,13 @@ class TorchEngine(Engine):
         ids = self.tokenize("The quick brown fox jumps over the lazy dog.")[:12] or [0, 1, 2, 3]
         try:
             with torch.inference_mode():
-                ref = self.model(input_ids=torch.tensor([ids])).logits[0].float()
+                ref = self.model(input_ids=torch.tensor([ids], device=self.device)).logits[0].float()
                 torch_batch.register()
                 self.model.config._attn_implementation = torch_batch.ATTN_NAME
                 kv = torch_batch.SeqKV()
                 half = len(ids) // 2
-                got = torch.cat([torch_batch.packed_forward(self.model, [(kv, ids[:half], True)])[0],
-                                 torch_batch.packed_forward(self.model, [(kv, ids[half:], True)])[0]])
+                got = torch.cat([torch_batch.packed_forward(self.model, [(kv, part, True)], device=self.device)[0]
+                                 for part in (ids[:half], ids[half:])])
             tol = 1e-3 * float(ref.abs().max())
             if torch.allclose(got, ref, rtol=0, atol=tol):
                 return True

@@ -1,5 +1,7 @@
-"""Loading weight-only quantized checkpoints — shrinkserve's own format or compressed-tensors pack-quantized —
-dense parts into the HF model, quantized linears swapped for the CPU kernels of shrinkserve.kernels."""
+"""Loading weight-only quantized checkpoints — compressed-tensors pack-quantized or shrinkserve's older own
+format — dense parts into the HF model, quantized linears swapped for the CPU kernels of shrinkserve.kernels,
+or (`dequantize=True`: the CUDA path, where those kernels do not run) for dense `nn.Linear`s holding
+W = (codes - zeros) * scales in the compute dtype."""
 
 from __future__ import annotations
 
@@ -7,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from shrinkserve.compression.compressed_tensors import is_compressed_tensors_checkpoint, load_compressed_tensors
-from shrinkserve.compression.quant_format import QuantizedLinear, load_quantized_checkpoint
+from shrinkserve.compression.compressed_tensors import load_weight_only
+from shrinkserve.compression.quant_format import QuantizedLinear
 
 
 def _kernel_module(ql: QuantizedLinear, bias: torch.Tensor | None) -> torch.nn.Module:
@@ -20,11 +22,20 @@ def _kernel_module(ql: QuantizedLinear, bias: torch.Tensor | None) -> torch.nn.M
     return Int4Linear.from_quantized(ql.codes, ql.scales, ql.zeros, ql.group_size, bias=bias)
 
 
-def load_quantized_model(path: Path, dtype: torch.dtype) -> torch.nn.Module:
+def _dense_module(ql: QuantizedLinear, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.nn.Module:
+    """The linear with its weights dequantized (in float32, then cast once: no double rounding)."""
+    n, k = ql.codes.shape
+    linear = torch.nn.Linear(k, n, bias=bias is not None, dtype=dtype, device="meta")
+    linear.weight = torch.nn.Parameter(ql.dequantize().to(dtype), requires_grad=False)
+    if bias is not None:
+        linear.bias = torch.nn.Parameter(bias.to(dtype), requires_grad=False)
+    return linear
+
+
+def load_quantized_model(path: Path, dtype: torch.dtype, *, dequantize: bool = False) -> torch.nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    load = load_compressed_tensors if is_compressed_tensors_checkpoint(path) else load_quantized_checkpoint
-    _, dense, quantized = load(path)
+    _, dense, quantized = load_weight_only(path)
     config = AutoConfig.from_pretrained(path)
     # Built from the config without its quantization_config: transformers would otherwise set up its own
     # compressed-tensors quantizer; our kernels replace the linears below.
@@ -47,7 +58,7 @@ def load_quantized_model(path: Path, dtype: torch.dtype) -> torch.nn.Module:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         bias = state.get(f"{name}.bias")
-        setattr(parent, attr, _kernel_module(ql, bias))
+        setattr(parent, attr, _dense_module(ql, bias, dtype) if dequantize else _kernel_module(ql, bias))
     if config.tie_word_embeddings:
         model.tie_weights()
     return model.eval()

@@ -34,56 +34,23 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field
+
+from shrinkserve.compression.engine_options import VENV_ENV, VllmOptions, default_vllm_python
+
+__all__ = ["VENV_ENV", "CompletionChunk", "Endpoint", "TopLogprob", "VllmClient", "VllmMetricsRelay", "VllmOptions",
+           "VllmProcess", "VllmRequestError", "VllmStartError", "completion_body", "default_vllm_python",
+           "free_port", "parse_completion_chunk", "relabel_vllm_metrics", "tree_rss_bytes"]
 
 log = logging.getLogger("shrinkserve.vllm")
+# httpx logs every request at INFO: with a child health-checked every 5 s and scraped with /metrics, that would be
+# most of the server's log. Errors still surface through our own messages.
+logging.getLogger("httpx").setLevel(logging.WARNING)
 
 LOOPBACK = "127.0.0.1"
 ENTRYPOINT = "vllm.entrypoints.openai.api_server"
-VENV_ENV = "SHRINKSERVE_VLLM_PYTHON"
-
-
-def default_vllm_python() -> Path:
-    """The vLLM venv's interpreter: $SHRINKSERVE_VLLM_PYTHON, else `.venv-vllm` in the working directory,
-    else `.venv-vllm` in the checkout this package is installed from (editable installs)."""
-    if os.environ.get(VENV_ENV):
-        return Path(os.environ[VENV_ENV]).expanduser()
-    candidates = [Path.cwd() / ".venv-vllm", Path(__file__).resolve().parents[2] / ".venv-vllm"]
-    for venv in candidates:
-        if (venv / "bin" / "python").exists():
-            return venv / "bin" / "python"
-    return candidates[0] / "bin" / "python"
-
-
-class VllmOptions(BaseModel):
-    """What a profile passes to its vLLM server. None = vLLM's own default (the flag is not sent)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    python: Path | None = Field(default=None, description="interpreter of vLLM's venv; default: .venv-vllm")
-    tensor_parallel_size: int = Field(default=1, ge=1)
-    gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1)
-    max_model_len: int | None = Field(default=None, ge=16)
-    max_num_seqs: int | None = Field(default=None, ge=1)
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
-    kv_cache_dtype: str | None = Field(default=None, description="auto | fp8 | fp8_e4m3 | ... (vLLM's names)")
-    enforce_eager: bool = Field(default=False, description="skip torch.compile/graphs: faster start, slower decode")
-    # Capture keeps the top-20 per token (capture.top_k); vLLM rejects logprobs above --max-logprobs.
-    max_logprobs: int = Field(default=20, ge=0)
-    # vLLM's per-request log lines (arrival, "Aborted request(s) ..."): off by default, they carry prompts.
-    log_requests: bool = False
-    # vLLM-CPU only: GiB of KV cache (VLLM_CPU_KVCACHE_SPACE) and the cores its OpenMP threads bind to.
-    cpu_kvcache_space_gib: float | None = Field(default=2, gt=0)
-    cpu_threads_bind: str | None = Field(default=None, description="VLLM_CPU_OMP_THREADS_BIND; default: all CPUs")
-    startup_timeout_seconds: float = Field(default=600, gt=0)
-    extra_args: list[str] = Field(default_factory=list, description="appended to the command line as is")
-    env: dict[str, str] = Field(default_factory=dict, description="extra environment (wins over the above)")
-
-    def interpreter(self) -> Path:
-        return (self.python or default_vllm_python()).expanduser()
 
 
 def _affinity_list() -> str:
@@ -161,7 +128,7 @@ class VllmProcess:
         o = self.options
         args = [str(o.interpreter()), "-m", ENTRYPOINT, "--model", str(self.model_dir),
                 "--served-model-name", self.served_name, "--max-logprobs", str(o.max_logprobs),
-                "--dtype", o.dtype, "--tensor-parallel-size", str(o.tensor_parallel_size),
+                "--tensor-parallel-size", str(o.tensor_parallel_size),
                 # One access-log line per request would be most of the log; errors are still logged.
                 "--disable-uvicorn-access-log"]
         if self.endpoint.uds is not None:
@@ -171,6 +138,7 @@ class VllmProcess:
                 self.endpoint.port = free_port(self.endpoint.host)
             args += ["--host", self.endpoint.host, "--port", str(self.endpoint.port)]
         flags: list[tuple[str, Any]] = [
+            ("--dtype", o.dtype),
             ("--gpu-memory-utilization", o.gpu_memory_utilization),
             ("--max-model-len", o.max_model_len),
             ("--max-num-seqs", o.max_num_seqs),
@@ -195,6 +163,9 @@ class VllmProcess:
             # vLLM reads an int of GiB in 0.32; keep fractional values usable by rounding up.
             env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(o.cpu_kvcache_space_gib)))
         env["VLLM_CPU_OMP_THREADS_BIND"] = o.cpu_threads_bind or _affinity_list()
+        # On AMX CPUs vLLM-CPU runs int4 weights as W4A8 (activations quantized to int8) unless told not to: the
+        # served model would then differ from the artifact we scored. Weight-only, as everywhere else.
+        env["VLLM_CPU_INT4_W4A8"] = "0"
         env.update(o.env)
         return env
 
@@ -342,7 +313,9 @@ class CompletionChunk:
 
     `token_ids` are the tokens this chunk adds (vLLM's `return_token_ids`); `logprobs[i]` is token i's own
     logprob and `top_logprobs[i]` its top-k alternatives by id, best first (when logprobs were asked for).
-    The first chunk also carries `prompt_token_ids`; usage arrives on a final chunk with no choice.
+    The first chunk also carries `prompt_token_ids`, and with `echo` the prompt's logprobs: `prompt_logprobs[i]`
+    of prompt token i (None for the first) and `prompt_top_logprobs[i]`. Usage arrives on a final chunk with no
+    choice.
     """
 
     text: str = ""
@@ -352,6 +325,8 @@ class CompletionChunk:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     prompt_token_ids: list[int] | None = None
+    prompt_logprobs: list[float | None] | None = None
+    prompt_top_logprobs: list[list[TopLogprob]] | None = None
     usage: dict[str, Any] | None = None
 
 
@@ -372,8 +347,9 @@ def _token_id(key: str) -> int:
     return int(num)
 
 
-def parse_completion_chunk(obj: Mapping[str, Any]) -> CompletionChunk:
-    """One SSE `data:` JSON object of a streamed completion (n = 1) → CompletionChunk."""
+def parse_completion_chunk(obj: Mapping[str, Any], *, echo: bool = False) -> CompletionChunk:
+    """One SSE `data:` JSON object of a streamed completion (n = 1) → CompletionChunk. With `echo`, the chunk
+    that carries `prompt_token_ids` (the first) has the prompt's logprobs ahead of its own tokens'."""
     if "error" in obj and obj.get("error"):
         err = obj["error"]
         raise VllmRequestError(int(err.get("code") or 500) if isinstance(err, dict) else 500, err)
@@ -383,19 +359,26 @@ def parse_completion_chunk(obj: Mapping[str, Any]) -> CompletionChunk:
         return chunk
     c = choices[0]
     chunk.text = c.get("text") or ""
-    chunk.token_ids = list(c.get("token_ids") or [])
+    listed = c.get("token_ids")
+    chunk.token_ids = list(listed or [])
     chunk.prompt_token_ids = c.get("prompt_token_ids")
     chunk.finish_reason = c.get("finish_reason")
     chunk.stop_reason = c.get("stop_reason")
     lp = c.get("logprobs")
     if lp:
-        chunk.logprobs = [float(x) if x is not None else float("nan") for x in lp.get("token_logprobs") or []]
-        for top in lp.get("top_logprobs") or []:
-            entries = [TopLogprob(_token_id(k), float(v)) for k, v in (top or {}).items()]
-            entries.sort(key=lambda e: -e.logprob)
-            chunk.top_logprobs.append(entries)
-        if not chunk.token_ids and lp.get("tokens"):
+        values: list[float | None] = [float(x) if x is not None else None for x in lp.get("token_logprobs") or []]
+        tops = [sorted((TopLogprob(_token_id(k), float(v)) for k, v in (top or {}).items()), key=lambda e: -e.logprob)
+                for top in lp.get("top_logprobs") or []]
+        if listed is None and lp.get("tokens"):
             chunk.token_ids = [_token_id(t) for t in lp["tokens"]]
+        if echo and chunk.prompt_token_ids is not None:
+            # vLLM 0.32: the first chunk's logprobs cover the prompt, then this chunk's tokens (none when the
+            # request has max_tokens 0, although token_ids then lists the one token vLLM generated internally).
+            n_prompt = len(chunk.prompt_token_ids)
+            chunk.prompt_logprobs, values = values[:n_prompt], values[n_prompt:]
+            chunk.prompt_top_logprobs, tops = tops[:n_prompt], tops[n_prompt:]
+        chunk.logprobs = [float("nan") if v is None else v for v in values]
+        chunk.top_logprobs = tops
     return chunk
 
 
@@ -409,6 +392,7 @@ def completion_body(
     seed: int | None = None,
     stop: Sequence[str] = (),
     logprobs: int | None = None,
+    echo: bool = False,
     ignore_eos: bool = False,
     extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
@@ -436,6 +420,10 @@ def completion_body(
         body["stop"] = list(stop)
     if logprobs is not None:
         body["logprobs"] = logprobs
+    if echo:
+        # The prompt's logprobs (same k as `logprobs`) in the first chunk; with return_token_ids the prompt's text
+        # is not repeated.
+        body["echo"] = True
     if ignore_eos:
         body["ignore_eos"] = True
     if extra:
@@ -460,6 +448,7 @@ class VllmClient:
         """Stream one completion; `kwargs` as `completion_body`. Closing the iterator (aclose, or breaking out
         of `async for`) closes the HTTP stream, which vLLM turns into an abort of the request."""
         body = completion_body(self.model, prompt_ids, **kwargs)
+        echo = bool(body.get("echo"))
         async with self._http.stream("POST", "/v1/completions", json=body) as resp:
             if resp.status_code != 200:
                 raw = await resp.aread()
@@ -471,7 +460,7 @@ class VllmClient:
             async for data in _sse_data(resp.aiter_lines()):
                 if data.strip() == "[DONE]":
                     return
-                yield parse_completion_chunk(json.loads(data))
+                yield parse_completion_chunk(json.loads(data), echo=echo)
 
     async def get(self, path: str) -> httpx.Response:
         return await self._http.get(path)

@@ -29,8 +29,9 @@ class EngineCore(Protocol):
     async def admit(self, n: int = 1, *, max_total_tokens: int = 0) -> Ticket:
         """Room for `n` generations of at most `max_total_tokens` KV positions each (prompt + max_tokens).
 
-        Raises Busy (→ 429), Draining (→ 503) or NeverFits (→ 400) before any response byte; may wait
-        in a bounded queue.
+        Raises Busy (→ 429), Draining (→ 503), NeverFits (→ 400) or Unavailable (→ 503, an out-of-process
+        engine restarting) before any response byte; may wait in a bounded queue. A core that cannot serve
+        some requests also has `check_request(req)`, raising Unsupported (→ 400) before admission.
         """
         ...
 

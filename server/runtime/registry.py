@@ -11,12 +11,16 @@ import asyncio
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Literal
 
+from shrinkserve.compression import quality_store
 from shrinkserve.compression.cache import ArtifactCache
 from shrinkserve.compression.profiles import BuiltProfile, ProfileBuilder, ProfileSpec
-from shrinkserve.server.engines.base import CPU, Engine
+from shrinkserve.compression.quality import SPEED_PROMPT
+from shrinkserve.compression.spec import VllmOptions
+from shrinkserve.server.engines.base import CPU, Engine, Tokenizer
 from shrinkserve.server.engines.loader import load_engine
 from shrinkserve.server.quality_runner import EvaluationCancelled, Evaluator, gate_failures
 from shrinkserve.server.runtime.batching import BatchingCore
@@ -56,7 +60,9 @@ class ProfileRuntime:
     state: State = "pending"
     error: str | None = None
     built: BuiltProfile | None = None
-    engine: Engine | None = None  # its tokenizer side serves /tokenize; the core drives its weights
+    # Its tokenizer side serves /tokenize; the core drives its weights. For a vLLM profile only the tokenizer
+    # (the weights live in the child server).
+    engine: Engine | Tokenizer | None = None
     core: EngineCore | None = None
     resident_bytes: int | None = None
     routes: list[str] = field(default_factory=list)
@@ -77,6 +83,18 @@ class ProfileRuntime:
             raise NotServed(f"profile {self.name!r} is not served: it failed its quality gate: "
                             f"{'; '.join(self.gate_failures)}", "quality_gate_failed")
         raise NotServed(f"profile {self.name!r} is not ready: {self.state}", "profile_not_ready")
+
+
+def vllm_options(rt: ProfileRuntime, settings: Settings) -> VllmOptions:
+    """The options a vLLM profile's child starts with: its `vllm:` block, the rest from the profile (dtype,
+    context_length), its serving policy (max_num_seqs: vLLM batches exactly what our admission lets run),
+    the settings (the venv, the capture's top-k that --max-logprobs must cover)."""
+    spec, s = rt.spec, rt.serving
+    v = spec.vllm or VllmOptions()
+    seqs = 1 if s.scheduler == "serial" else (v.max_num_seqs or s.max_num_seqs)
+    return v.model_copy(update={
+        "max_num_seqs": seqs, "dtype": v.dtype or spec.dtype, "max_model_len": v.max_model_len or spec.context_length,
+        "python": v.python or settings.vllm_python, "max_logprobs": max(v.max_logprobs, settings.capture.top_k)})
 
 
 def make_core(rt: ProfileRuntime, engine: Engine, metrics: Metrics, capture: CaptureQueue) -> BatchingCore:
@@ -124,6 +142,14 @@ class Registry:
         self.capture = CaptureQueue(settings.capture, settings.profiles)
         self.evaluator = Evaluator(self.builder, settings.evaluation.evalset(), settings.threads,
                                    traffic_tokens=settings.evaluation.traffic_tokens)
+        # vLLM children's own metrics, re-exported with the profile label (one relay for all of them).
+        self.vllm_relay = None
+        if any(p.engine == "vllm" for p in settings.profiles.values()):
+            from shrinkserve.server.engines.vllm_process import VllmMetricsRelay
+
+            self.vllm_relay = VllmMetricsRelay()
+            metrics.registry.register(self.vllm_relay)
+        self._vllm_starting: dict[str, object] = {}  # name → VllmProcess not yet handed to a core (close() stops it)
         # Loading is measured by RSS deltas, so loads must not overlap.
         self._load_lock = threading.Lock()
         self._closed = False
@@ -154,8 +180,8 @@ class Registry:
     def _evaluate_if_missing(self, rt: ProfileRuntime) -> None:
         if self._closed or not self.settings.evaluation.on_build or rt.quality is not None:
             return
-        if rt.state != "ready" or rt.engine is None or rt.built is None:
-            return
+        if rt.state != "ready" or not isinstance(rt.engine, Engine) or rt.built is None:
+            return  # (vLLM profiles are scored while they load, before their server starts)
         try:
             record = self.evaluator.run(rt.name, rt.built, rt.spec, rt.engine, resident_bytes=rt.resident_bytes)
         except EvaluationCancelled:
@@ -186,33 +212,116 @@ class Registry:
                 self.metrics.build_seconds.labels(rt.name).observe(built.build_seconds)
                 self.metrics.artifact_bytes.labels(rt.name).set(built.bytes)
                 rt.state = "loading"
-                before = process_rss()
-                engine = load_engine(built, rt.spec, self.settings.threads)
-                core = make_core(rt, engine, self.metrics, self.capture)
-                if self._closed:  # shut down while loading: nobody else would stop this core
-                    core.close()
-                    return
-                rt.resident_bytes = max(0, process_rss() - before)
-                self.metrics.resident_bytes.labels(rt.name).set(rt.resident_bytes)
-                rt.engine, rt.core = engine, core
-                record = self.evaluator.stored(built, rt.spec)
-                if record is None and rt.spec.gate is not None:
-                    # A gated profile is measured before it serves a single request.
-                    rt.state = "evaluating"
-                    record = self.evaluator.run(rt.name, built, rt.spec, engine, resident_bytes=rt.resident_bytes)
+                if rt.spec.engine == "vllm":
+                    record = self._load_vllm(rt, built)
+                    if rt.core is None:  # shut down while it started
+                        return
+                else:
+                    before = process_rss()
+                    engine = load_engine(built, rt.spec, self.settings.threads)
+                    core = make_core(rt, engine, self.metrics, self.capture)
+                    if self._closed:  # shut down while loading: nobody else would stop this core
+                        core.close()
+                        return
+                    rt.resident_bytes = max(0, process_rss() - before)
+                    self.metrics.resident_bytes.labels(rt.name).set(rt.resident_bytes)
+                    rt.engine, rt.core = engine, core
+                    record = self.evaluator.stored(built, rt.spec)
+                    if record is None and rt.spec.gate is not None:
+                        # A gated profile is measured before it serves a single request.
+                        rt.state = "evaluating"
+                        record = self.evaluator.run(rt.name, built, rt.spec, engine,
+                                                    resident_bytes=rt.resident_bytes)
                 if record is not None:
                     self._apply_quality(rt, record)
                 if rt.state != "rejected":
                     rt.state = "ready"
                     self.metrics.profile_ready.labels(rt.name).set(1)
                 log.info("profile %s ready: %s, %d bytes on disk, +%d MiB RSS, %s, %s", rt.name, built.method,
-                         built.bytes, rt.resident_bytes >> 20, _describe(core),
+                         built.bytes, (rt.resident_bytes or 0) >> 20, _describe(rt.core),
                          "cache hit" if built.cache_hit else "built")
             except Exception as exc:  # a broken profile must not take the others down
                 log.exception("profile %s failed", rt.name)
                 rt.state, rt.error = "failed", f"{type(exc).__name__}: {exc}"
             finally:
                 rt.ready_event.set()
+
+    def _load_vllm(self, rt: ProfileRuntime, built: BuiltProfile) -> dict | None:
+        """Score the artifact on the PyTorch engine if it has no record (before the child starts: the two never
+        hold the model at once), start the child and wait for it, make the core, then check the child against
+        the scored artifact (top-1 agreement) and measure its decode speed. Returns the quality record."""
+        from shrinkserve.server.engines.device import probe_cuda, select_device
+        from shrinkserve.server.engines.hf_tokenizer import HfTokenizer
+        from shrinkserve.server.engines.vllm_core import VllmCore
+        from shrinkserve.server.engines.vllm_process import VllmProcess
+
+        spec = rt.spec
+        device = select_device(spec.device, spec.dtype, "dense", probe_cuda()).device
+        if device == "cpu" and (why := spec.vllm_8bit_weights()):
+            raise ValueError(f"{why}: this profile would run on vLLM-CPU, which has no 8-bit weight-only kernel; "
+                             "use lm_head_bits: null or 4, a 4-bit method, or a GPU")
+        record = self.evaluator.stored(built, spec)
+        if record is None and (spec.gate is not None or self.settings.evaluation.on_build):
+            rt.state = "evaluating"
+            record = self.evaluator.run_artifact(rt.name, built, spec)
+            self.evaluator.release()  # the float32 reference goes before vLLM takes its memory
+        rt.state = "loading"
+        opts = vllm_options(rt, self.settings)
+        tokenizer = HfTokenizer(built.path, context_length=opts.max_model_len, name="vllm")
+        opts = opts.model_copy(update={"max_model_len": tokenizer.context_length})
+        if device == "cuda":  # the CPU-only variables would only confuse a reader of the child's environment
+            opts = opts.model_copy(update={"cpu_kvcache_space_gib": None})
+        log_path = self.settings.cache_dir / "logs" / f"vllm-{rt.name}.log"
+        process = VllmProcess(built.path, rt.name, opts, log_path=log_path)
+        self._vllm_starting[rt.name] = process
+        try:
+            process.start()
+            process.wait_ready()
+        finally:
+            self._vllm_starting.pop(rt.name, None)
+        if self._closed:
+            process.stop()
+            return None
+        s = rt.serving
+        seqs = opts.max_num_seqs or s.max_num_seqs
+
+        def failed(message: str) -> None:
+            rt.state, rt.error = "failed", f"vLLM server: {message}"
+            self.metrics.profile_ready.labels(rt.name).set(0)
+
+        try:
+            observer = self.capture.observer(rt.name, tokenizer, built)
+            core = VllmCore(rt.name, tokenizer, process, max_seqs=seqs, context_length=tokenizer.context_length,
+                            kv_tokens=s.kv_cache_tokens or seqs * tokenizer.context_length, max_queue=s.max_queue,
+                            observers=[observer] if observer else [],
+                            on_queue_time=self.metrics.queue_time.labels(rt.name).observe,
+                            max_restarts=opts.max_restarts, on_failed=failed)
+        except BaseException:
+            process.stop()  # a profile that failed to load leaves no child behind
+            raise
+        rt.engine, rt.core = tokenizer, core
+        rt.resident_bytes = process.rss_bytes()  # the child's whole process tree (API server, engine, workers)
+        self.metrics.resident_bytes.labels(rt.name).set(rt.resident_bytes)
+        if self.vllm_relay is not None:
+            self.vllm_relay.add(rt.name, process.endpoint)
+        log.info("profile %s: vLLM server ready after %.1f s (%s, %s)", rt.name, process.ready_seconds or 0.0,
+                 device, process.base_url)
+        if record is not None and record.get("engine_check"):
+            check = record["engine_check"]
+            started = time.perf_counter()
+            agreement = core.agreement(check["token_ids"], check["top1"])
+            speed = core.decode_speed(tokenizer.tokenize(SPEED_PROMPT, add_special=True))
+            record = {**record, "decode_tokens_per_s": speed,
+                      "scoring_decode_tokens_per_s": record.get("scoring_decode_tokens_per_s",
+                                                                record["decode_tokens_per_s"]),
+                      "vllm": {"top1_agreement": agreement, "positions": len(check["top1"]),
+                               "min_agreement": self.settings.evaluation.min_vllm_agreement, "device": device,
+                               "startup_seconds": process.ready_seconds,
+                               "check_seconds": round(time.perf_counter() - started, 1)}}
+            quality_store.save(self.cache, built, spec, record)
+            log.info("profile %s: vLLM top-1 agreement with the PyTorch engine %.3f over %d positions, "
+                     "%.1f tok/s single stream", rt.name, agreement, len(check["top1"]), speed)
+        return record
 
     async def drain(self, deadline: float) -> None:
         """Every core stops admitting, finishes what runs until `deadline`, then aborts the rest."""
@@ -223,7 +332,11 @@ class Registry:
         """Evaluations stop first (they use the engines), then each core joins its thread and frees its engine."""
         self._closed = True
         self.evaluator.shutdown()
+        for process in list(self._vllm_starting.values()):
+            process.stop()  # type: ignore[attr-defined]  # a child still starting: its loader sees _closed
         for rt in self.profiles.values():
+            if self.vllm_relay is not None:
+                self.vllm_relay.remove(rt.name)
             core, rt.core, rt.engine = rt.core, None, None
             if core is not None:
                 core.close()
@@ -261,7 +374,9 @@ class Registry:
         return all(rt.state in ("ready", "rejected") for rt in self.profiles.values() if rt.spec.load == "eager")
 
 
-def _describe(core: BatchingCore) -> str:
+def _describe(core: EngineCore | None) -> str:
+    if core is None:
+        return "no core"
     s = core.stats()
     mode = "serial" if s.max_seqs == 1 else f"batching {s.max_seqs} sequences"
     return f"{mode} of up to {core.context_length} tokens, {s.kv_total_tokens} KV tokens"

@@ -138,3 +138,20 @@ class Draining(Exception):
 
 class NeverFits(Exception):
     """The request can never be served by this profile (e.g. longer than a slot): 400."""
+
+
+class Unavailable(Exception):
+    """The profile's engine is down for now (e.g. its vLLM server is restarting): 503 with Retry-After."""
+
+    def __init__(self, message: str, retry_after: float = 10.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class Unsupported(Exception):
+    """The request asks for something this profile's core cannot do (e.g. a Python logits processor on vLLM): 400,
+    never silently ignored. `param` names the request field."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param

