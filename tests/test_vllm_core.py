@@ -105,6 +105,16 @@ def test_tokens_become_steps_with_length_and_usage(core: VllmCore, tmp_path: Pat
     assert core.stats().running == 0 and core.admission.seqs_held == 0
 
 
+def test_sampler_parameters_reach_vllm_none_dropped(core: VllmCore, tmp_path: Path) -> None:
+    asyncio.run(run(core, request("abc", 2, ignore_eos=True, logit_bias=((2, 5.0),), repetition_penalty=1.2,
+                                  frequency_penalty=0.5, presence_penalty=-0.5, top_k=7, min_p=0.1)))
+    body = bodies(tmp_path)[-1]
+    assert body["logit_bias"] == {"2": 5.0} and body["repetition_penalty"] == 1.2 and body["top_k"] == 7
+    assert body["frequency_penalty"] == 0.5 and body["presence_penalty"] == -0.5 and body["min_p"] == 0.1
+    asyncio.run(run(core, request("abc", 2, ignore_eos=True)))  # defaults: not sent, vLLM's own defaults apply
+    assert not {"logit_bias", "repetition_penalty", "top_k", "min_p", "frequency_penalty"} & set(bodies(tmp_path)[-1])
+
+
 def test_our_eos_ends_the_generation_and_is_counted_not_listed(core: VllmCore) -> None:
     got: list[FinishedGeneration] = []
     core.observers.append(got.append)

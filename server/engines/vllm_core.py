@@ -29,6 +29,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 
@@ -47,6 +48,7 @@ from shrinkserve.server.runtime.types import (
     CoreStats,
     FinishedGeneration,
     GenerationRequest,
+    SamplingParams,
     Step,
     TokenInfo,
     Unavailable,
@@ -162,6 +164,25 @@ class _Stream:
                                   topk=list(self.topk), route=self.req.route)
 
 
+def sampler_extras(p: SamplingParams) -> dict[str, Any]:
+    """The sampler parameters beyond temperature/top-p, in vLLM's request fields (our processors follow vLLM's
+    semantics and order, server/runtime/logits_processors.py). Only those set are sent; none is dropped."""
+    extra: dict[str, Any] = {}
+    if p.logit_bias:
+        extra["logit_bias"] = {str(token): bias for token, bias in p.logit_bias}
+    if p.repetition_penalty != 1.0:
+        extra["repetition_penalty"] = p.repetition_penalty
+    if p.frequency_penalty:
+        extra["frequency_penalty"] = p.frequency_penalty
+    if p.presence_penalty:
+        extra["presence_penalty"] = p.presence_penalty
+    if p.top_k:
+        extra["top_k"] = p.top_k
+    if p.min_p:
+        extra["min_p"] = p.min_p
+    return extra
+
+
 @dataclass(eq=False)
 class _Generation:
     req: GenerationRequest
@@ -245,6 +266,8 @@ class VllmCore:
                           echo=req.prompt_logprobs is not None)
             if p.max_tokens == 0:  # echo only: vLLM scores the prompt and generates nothing
                 kwargs["max_tokens"] = 0
+            if extra := sampler_extras(p):
+                kwargs["extra"] = extra
             pump = asyncio.create_task(self._pump(gen, req.prompt_ids, kwargs))
             self._pumps.add(pump)
             pump.add_done_callback(self._pumps.discard)
