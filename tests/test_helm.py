@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import yaml
+from pydantic import BaseModel
 
 from shrinkserve.server.settings import Settings, default_config_path, load_settings
 from tests.conftest import REPO
@@ -24,6 +25,7 @@ from tests.conftest import REPO
 CHART = REPO / "helm" / "shrinkserve"
 CI_VALUES = sorted((CHART / "ci").glob("*.yaml"))
 GPU_VALUES = CHART / "ci" / "gpu-autoscaling-values.yaml"
+VLLM_VALUES = CHART / "ci" / "gpu-vllm-values.yaml"
 DATA = Path(__file__).parent / "data"
 NAMESPACE = "ml"
 RELEASE = "rel"
@@ -261,6 +263,14 @@ RENDER_REFUSES = {
     "hpa-bounds": ({"cache": {"persistence": {"enabled": False}},
                     "autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 2}}, "maxReplicas"),
     "grace-shorter-than-drain": ({"terminationGracePeriodSeconds": 20}, "must cover"),
+    # The CPU image has no vLLM and the pod no GPU: the profile could never start.
+    "vllm-gpu-profile-without-gpu": ({"config": {"profiles": {"v": {"method": "hf", "engine": "vllm"}}}},
+                                     "gpu.enabled is false"),
+    # tensor_parallel_size 4 cannot start on 2 GPUs (an explicit count otherwise wins over the derived one).
+    "gpu-count-below-tp": ({"gpu": {"enabled": True, "count": 2},
+                            "config": {"profiles": {"v": {"method": "hf", "engine": "vllm",
+                                                          "vllm": {"tensor_parallel_size": 4}}}}},
+                           "tensor_parallel_size=4"),
 }
 
 
@@ -272,7 +282,7 @@ def test_render_refuses_inconsistent_values(case: str, tmp_path: Path) -> None:
 
 
 # Keys of the server's YAML whose pydantic models values.schema.json mirrors under $defs.
-MIRRORED = ("bases", "profiles", "capture", "serving")
+MIRRORED = ("bases", "profiles", "capture", "serving", "evaluation")
 _REF = re.compile(r'"#/\$defs/([A-Za-z0-9_]+)"')
 
 
@@ -345,10 +355,15 @@ def test_rendered_configmap_and_env_load_with_server_settings(values: Path | Non
     assert settings.routes == {"/" + k.strip("/"): v for k, v in expected["config"]["routes"].items()}
     for name, spec in expected["config"]["profiles"].items():
         for key, value in spec.items():
-            assert getattr(settings.profiles[name], key) == value, (name, key)
+            got = getattr(settings.profiles[name], key)
+            if isinstance(got, BaseModel):  # a nested block (vllm:, gate:): what the values set
+                got = got.model_dump(exclude_unset=True)
+            assert got == value, (name, key)
     for key, value in expected["config"].get("capture", {}).items():
         got = getattr(settings.capture, key)
         assert (str(got) if isinstance(got, Path) else got) == value, key
+    for key, value in expected["config"].get("evaluation", {}).items():
+        assert getattr(settings.evaluation, key) == value, key
     serving = expected["config"].get("serving", {})
     assert settings.serving.model_dump(exclude_unset=True) == serving
     assert settings.drain_timeout_seconds == expected["server"]["drainTimeoutSeconds"]
@@ -445,8 +460,9 @@ def test_gpu_autoscaling_values() -> None:
     assert metrics["Resource"]["resource"]["name"] == "cpu"
     waiting = metrics["Pods"]["pods"]["metric"]["name"]
     assert waiting in {f.name for f in Metrics().registry.collect()}, "HPA scales on a metric the server lacks"
-    # No vLLM engine yet: nothing in the config asks for one.
+    # No vLLM profile here: the explicit count is what the pod requests, the startup budget is the build one.
     assert "vllm" not in one(docs, "ConfigMap")["data"]["config.yaml"]
+    assert c["startupProbe"]["failureThreshold"] == 180
 
 
 def test_config_and_key_changes_roll_the_pods(tmp_path: Path) -> None:
@@ -523,7 +539,11 @@ def test_notes_tell_how_to_reach_the_api(tmp_path: Path) -> None:
     assert f"http://{RELEASE}-shrinkserve.{NAMESPACE}.svc:8000/v1" in default
     assert "No API keys are set" in default
     gpu = notes(GPU_VALUES)
-    assert "no vLLM engine yet" in gpu and "Authorization: Bearer" in gpu and "prometheus-adapter" in gpu
+    assert "request 1 nvidia.com/gpu" in gpu and "PyTorch engine on CUDA" in gpu and "vLLM profiles" not in gpu
+    assert "Authorization: Bearer" in gpu and "prometheus-adapter" in gpu
+    vllm = notes(VLLM_VALUES)
+    assert "request 2 nvidia.com/gpu" in vllm and "base-vllm (tp 2)" in vllm
+    assert "/var/cache/shrinkserve/logs/vllm-<profile>.log" in vllm
     assert "NODE_PORT" in notes(CHART / "ci" / "podmonitor-values.yaml")
 
 
@@ -543,3 +563,53 @@ def test_gpu_values_prepare_vllm_children(tmp_path: Path) -> None:
     cpu = docs_of()
     assert "SHRINKSERVE_VLLM_PYTHON" not in container_env(cpu)
     assert "dshm" not in {v["name"] for v in one(cpu, "Deployment")["spec"]["template"]["spec"]["volumes"]}
+
+
+def test_gpu_vllm_values(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CI values with one `engine: vllm` profile at tensor parallelism 2: the pod requests its 2 GPUs, gets
+    vLLM's interpreter and a /dev/shm, and a startup probe that outlasts the child's own start-up limit."""
+    docs = docs_of(VLLM_VALUES)
+    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    c = server_container(docs)
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 2  # gpu.count null: the profile's tensor_parallel_size
+    assert c["image"].endswith(":0.1.0-gpu")
+    assert container_env(docs)["SHRINKSERVE_VLLM_PYTHON"] == "/opt/vllm/bin/python"
+    assert {v["name"]: v for v in pod["volumes"]}["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "16Gi"}
+    assert {"name": "dshm", "mountPath": "/dev/shm"} in c["volumeMounts"]
+    startup = c["startupProbe"]
+    budget = startup["periodSeconds"] * startup["failureThreshold"]
+    # The build budget of the CPU defaults (30 min) plus the profile's startup_timeout_seconds (900).
+    assert budget >= 1800 + 900 and budget - 1800 >= 600
+    # What the server loads from it: a vLLM profile with the options the chart counted.
+    settings = load_rendered(docs, tmp_path, monkeypatch)
+    spec = settings.profiles["base-vllm"]
+    assert spec.engine == "vllm" and spec.vllm is not None and spec.vllm.tensor_parallel_size == 2
+    assert spec.vllm.startup_timeout_seconds == 900 and settings.evaluation.min_vllm_agreement == 0.95
+    assert settings.routes["/vllm"] == "base-vllm"
+
+
+def test_gpu_count_and_startup_budget_follow_vllm_profiles(tmp_path: Path) -> None:
+    def rendered(values: dict[str, Any], name: str) -> tuple[int, int]:
+        c = server_container(docs_of(values_file(tmp_path, values, name)))
+        probe = c["startupProbe"]
+        return c["resources"]["limits"]["nvidia.com/gpu"], probe["periodSeconds"] * probe["failureThreshold"]
+
+    profiles = {
+        "tp2": {"method": "hf", "engine": "vllm", "vllm": {"tensor_parallel_size": 2}},  # default start-up 600 s
+        "tp1": {"method": "rtn", "engine": "vllm", "device": "cuda", "vllm": {"startup_timeout_seconds": 95}},
+        # vLLM-CPU: no GPU, but its start-up counts.
+        "cpu": {"method": "rtn", "engine": "vllm", "device": "cpu", "lm_head_bits": None},
+        # Lazy: started on first request, /ready does not wait for it; its GPU is still needed.
+        "lazy": {"method": "hf", "engine": "vllm", "load": "lazy", "vllm": {"tensor_parallel_size": 3}},
+    }
+    gpus, budget = rendered({"gpu": {"enabled": True}, "config": {"profiles": profiles}}, "all.yaml")
+    assert gpus == 2 + 1 + 3
+    assert budget == 1800 + 600 + 100 + 600  # 95 s rounded up to whole 10 s periods
+    # An explicit count wins.
+    assert rendered({"gpu": {"enabled": True, "count": 8}, "config": {"profiles": profiles}}, "n.yaml")[0] == 8
+    # No vLLM profile: one GPU (the PyTorch engine's), the plain build budget.
+    assert rendered({"gpu": {"enabled": True}}, "none.yaml") == (1, 1800)
+    # Only vLLM-CPU profiles need no GPU and no gpu.enabled: the CPU pod gets none.
+    c = server_container(docs_of(values_file(tmp_path, {"config": {"profiles": {"cpu": profiles["cpu"]}}}, "c.yaml")))
+    assert "nvidia.com/gpu" not in c["resources"].get("limits", {})
+    assert c["startupProbe"]["failureThreshold"] == 180 + 60

