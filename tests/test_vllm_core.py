@@ -236,12 +236,3 @@ def test_a_crashed_child_is_restarted_and_then_serves(tmp_path: Path) -> None:
         assert seen_unavailable or core.process.ready_seconds is not None
     finally:
         core.close()
-
-
-def test_top_k_and_min_p_reach_vllm(core: VllmCore, tmp_path: Path) -> None:
-    # Sampling filters are vLLM's to apply (it samples); left off, they are not sent at all.
-    asyncio.run(run(core, request(max_tokens=2, temperature=0.8, top_k=5, min_p=0.1)))
-    asyncio.run(run(core, request(max_tokens=2, temperature=0.8)))
-    sent, plain = bodies(tmp_path)
-    assert sent["top_k"] == 5 and sent["min_p"] == 0.1
-    assert "top_k" not in plain and "min_p" not in plain

@@ -264,12 +264,6 @@ class VllmCore:
             kwargs = dict(max_tokens=max(1, p.max_tokens), temperature=p.temperature, top_p=p.top_p, seed=p.seed,
                           stop=p.stop, logprobs=state.asked_logprobs, ignore_eos=p.ignore_eos,
                           echo=req.prompt_logprobs is not None)
-            # vLLM's own names and semantics (its sampler is the reference ours follows); sent only when set, so
-            # a request that leaves them off reaches vLLM as before. Never dropped: a dropped filter would sample
-            # from the whole distribution without saying so.
-            filters = {k: v for k, v in (("top_k", p.top_k), ("min_p", p.min_p)) if v}
-            if filters:
-                kwargs["extra"] = filters
             if p.max_tokens == 0:  # echo only: vLLM scores the prompt and generates nothing
                 kwargs["max_tokens"] = 0
             if extra := sampler_extras(p):
