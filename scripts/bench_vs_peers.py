@@ -136,11 +136,14 @@ def shrinkserve_spec(args: argparse.Namespace, gguf: Path, port: int, workdir: P
 
 def shrinkserve_hf_spec(args: argparse.Namespace, engine: str, port: int, workdir: Path) -> ServerSpec:
     """Our server on the `method: hf` profile's checkpoint, on vLLM (managed child) or our PyTorch engine."""
-    profile: dict[str, Any] = {"method": "hf", "engine": engine, "dtype": args.vllm_dtype, "threads": args.threads}
-    if engine == "vllm":
+    profile: dict[str, Any] = {"method": "hf", "engine": engine, "dtype": args.vllm_dtype}
+    if engine == "vllm":  # vLLM binds its own OpenMP threads: the same cores as the `vllm` peer
         profile["vllm"] = {"max_model_len": N_CTX_PER_SLOT, "max_num_seqs": max(args.streams),
                            "cpu_kvcache_space_gib": args.vllm_kv_gib, "enforce_eager": args.vllm_eager,
+                           "cpu_threads_bind": f"0-{args.threads - 1}" if args.threads > 1 else "0",
                            **({"python": args.vllm_python} if args.vllm_python else {})}
+    else:
+        profile["threads"] = args.threads
     serving = {"max_num_seqs": max(args.streams), "max_queue": 64}
     config = workdir / f"shrinkserve-{engine}.yaml"
     config.write_text(yaml.safe_dump({"profiles": {MODEL_NAME: profile}, "serving": serving,

@@ -71,3 +71,17 @@ def test_probe_on_this_box_feeds_the_selection() -> None:
     assert facts.available == torch.cuda.is_available()
     p = select_device("auto", "bfloat16", "int4", facts)
     assert p.device == ("cuda:0" if facts.available else "cpu")
+
+
+def test_gpu_pool_gives_each_vllm_child_its_own_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    from shrinkserve.server.engines.device import GpuPool
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    pool = GpuPool.of_process(4)
+    assert pool.take(2, "a") == "0,1" and pool.take(1, "b") == "2"
+    with pytest.raises(ValueError, match="needs 2 GPU"):
+        pool.take(2, "c")
+    assert pool.take(1, "d") == "3"
+    # ids index this process's own visible devices (a device plugin's), and reserved ones stay out
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6")
+    assert GpuPool.of_process(3, reserved=1).take(2, "e") == "5,6"

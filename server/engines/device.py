@@ -94,3 +94,35 @@ def probe_cuda() -> CudaFacts:
         return CudaFacts(False)
     return CudaFacts(True, torch.cuda.device_count(), tuple(torch.cuda.get_device_capability(0)),  # type: ignore[arg-type]
                      torch.cuda.get_device_name(0))
+
+
+class GpuPool:
+    """Hands each `engine: vllm` child on CUDA its own GPUs (`CUDA_VISIBLE_DEVICES`), in load order.
+
+    Every child otherwise sees every GPU of the pod and takes `gpu_memory_utilization` (0.9 by default) of
+    each, so a second vLLM profile on the same GPU fails to start. The Helm chart requests the sum of the
+    profiles' tensor-parallel sizes; this gives each child its share. The ids index this process's own
+    `CUDA_VISIBLE_DEVICES` when it is set (as a device plugin may), else 0..count-1. A PyTorch-engine profile
+    on CUDA uses cuda:0 of this process, which is also the first vLLM child's: give that child a lower
+    `gpu_memory_utilization`, or `reserved` GPUs (the first ones) are kept out of the pool.
+    """
+
+    def __init__(self, visible: list[str], reserved: int = 0) -> None:
+        self.free = list(visible[reserved:])
+
+    @classmethod
+    def of_process(cls, count: int, reserved: int = 0) -> GpuPool:
+        import os
+
+        env = os.environ.get("CUDA_VISIBLE_DEVICES")
+        ids = [d.strip() for d in env.split(",") if d.strip()] if env else [str(i) for i in range(count)]
+        return cls(ids[:count] if count else ids, reserved)
+
+    def take(self, n: int, profile: str) -> str:
+        """The CUDA_VISIBLE_DEVICES value for a child needing `n` GPUs; ValueError when fewer are left."""
+        if n > len(self.free):
+            raise ValueError(f"profile {profile!r} needs {n} GPU(s) (tensor_parallel_size) but {len(self.free)} "
+                             "are left for it: request more (gpu.count in the chart) or set vllm.env."
+                             "CUDA_VISIBLE_DEVICES to share GPUs on purpose")
+        taken, self.free = self.free[:n], self.free[n:]
+        return ",".join(taken)

@@ -150,6 +150,7 @@ class Registry:
             self.vllm_relay = VllmMetricsRelay()
             metrics.registry.register(self.vllm_relay)
         self._vllm_starting: dict[str, object] = {}  # name → VllmProcess not yet handed to a core (close() stops it)
+        self._gpus = None  # GpuPool of the vLLM children on CUDA, made at the first one
         # Loading is measured by RSS deltas, so loads must not overlap.
         self._load_lock = threading.Lock()
         self._closed = False
@@ -250,7 +251,7 @@ class Registry:
         """Score the artifact on the PyTorch engine if it has no record (before the child starts: the two never
         hold the model at once), start the child and wait for it, make the core, then check the child against
         the scored artifact (top-1 agreement) and measure its decode speed. Returns the quality record."""
-        from shrinkserve.server.engines.device import probe_cuda, select_device
+        from shrinkserve.server.engines.device import GpuPool, probe_cuda, select_device
         from shrinkserve.server.engines.hf_tokenizer import HfTokenizer
         from shrinkserve.server.engines.vllm_core import VllmCore
         from shrinkserve.server.engines.vllm_process import VllmProcess
@@ -269,8 +270,16 @@ class Registry:
         opts = vllm_options(rt, self.settings)
         tokenizer = HfTokenizer(built.path, context_length=opts.max_model_len, name="vllm")
         opts = opts.model_copy(update={"max_model_len": tokenizer.context_length})
-        if device == "cuda":  # the CPU-only variables would only confuse a reader of the child's environment
-            opts = opts.model_copy(update={"cpu_kvcache_space_gib": None})
+        if device.startswith("cuda"):
+            # The CPU-only variables would only confuse a reader of the child's environment; each child gets GPUs
+            # of its own unless the profile placed it explicitly.
+            update: dict = {"cpu_kvcache_space_gib": None}
+            if "CUDA_VISIBLE_DEVICES" not in opts.env:
+                if self._gpus is None:
+                    self._gpus = GpuPool.of_process(probe_cuda().device_count)
+                update["env"] = {**opts.env,
+                                 "CUDA_VISIBLE_DEVICES": self._gpus.take(opts.tensor_parallel_size, rt.name)}
+            opts = opts.model_copy(update=update)
         log_path = self.settings.cache_dir / "logs" / f"vllm-{rt.name}.log"
         process = VllmProcess(built.path, rt.name, opts, log_path=log_path)
         self._vllm_starting[rt.name] = process
