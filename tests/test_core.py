@@ -489,3 +489,32 @@ def test_unseeded_prompts_join_the_decode_forward_seeded_ones_prefill_alone(engi
     mixed = [f for f in core.model.forwards[n0:] if any(n == n_unseeded for _, n in f) and any(n == 1 for _, n in f)]
     assert mixed, str(core.model.forwards)  # the unseeded prompt rode with decode rows
     assert all(len(f) == 1 for f in core.model.forwards[n0:] if any(n == n_seeded for _, n in f))  # the seeded alone
+
+
+def test_a_shared_forward_carries_at_most_one_chunk_of_prompt_tokens(engine: FakeEngine) -> None:
+    # Prompts arriving together while others decode: their chunks join the decode forward only up to
+    # max_chunk prompt tokens in all (llama.cpp's batch holds max_chunk + slots tokens; overshooting it
+    # wrote past the llama_batch: "NULL pointer access" under 8 concurrent streams).
+    core = make_core(engine, max_seqs=6)
+    engine.step_delay = 0.005
+    first = [GenerationRequest(ids_of(p), SamplingParams(max_tokens=40, ignore_eos=True)) for p in ("ab", "cd")]
+    # 7 tokens each with max_batch 8: two of them never fit one forward together
+    late = [GenerationRequest(ids_of(p), SamplingParams(max_tokens=3, ignore_eos=True))
+            for p in ("pqrstuv", "wxyzabc", "defghij", "klmnopq")]
+    try:
+        n0 = len(core.model.forwards)
+
+        async def go() -> list[list[Step]]:
+            running = [asyncio.ensure_future(run_one(core, r)) for r in first]
+            while len(core.model.forwards) < n0 + 3:
+                await asyncio.sleep(0.005)
+            return await asyncio.gather(*(run_one(core, r) for r in late), *running)
+
+        results = asyncio.run(go())
+    finally:
+        core.close()
+    assert all(r[-1].finish_reason == "length" for r in results)
+    for f in core.model.forwards[n0:]:
+        prompt_tokens = sum(n for _, n in f if n > 1)
+        assert prompt_tokens <= engine.max_batch, str(f)
+        assert sum(n for _, n in f) <= engine.max_batch + 6, str(f)

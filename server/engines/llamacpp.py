@@ -76,6 +76,9 @@ class LlamaCppBatch(BatchModel):
         # Ascending, contiguous seq ids keep the batch in one ubatch: llama.cpp's split for
         # per-sequence KV takes only consecutive seq ids into one ubatch (llama-batch.cpp split_equal).
         order = sorted(range(len(work)), key=lambda i: work[i].slot.id)
+        total = sum(len(w.ids) for w in work)
+        if total > self._n_batch:  # checked before writing: the llama_batch holds exactly n_batch tokens
+            raise ValueError(f"a step takes at most {self._n_batch} tokens, got {total}")
         b = self._batch
         n = n_out = 0
         first_out: list[int] = [0] * len(work)
@@ -93,8 +96,6 @@ class LlamaCppBatch(BatchModel):
                 b.logits[n] = out
                 n += 1
                 n_out += out
-        if n > self._n_batch:
-            raise ValueError(f"a step takes at most {self._n_batch} tokens, got {n}")
         b.n_tokens = n
         with CPU.use(self._tuner.pick(n)) as threads:
             if threads != self._set_threads:

@@ -252,6 +252,8 @@ class BatchingCore:
         #    (Q4_K_M), and a prompt chunk riding with 7 decode rows cost 1.4x less than two forwards (torch).
         budget = model.max_chunk
         joining: list[_Seq] = []
+        joined = 0  # prompt tokens in the shared forward: at most max_chunk beside the decode rows (llama.cpp's
+        #             batch holds max_chunk + slots tokens; a step past it wrote beyond the llama_batch)
         for seq in active:
             if budget <= 0:
                 break
@@ -261,8 +263,12 @@ class BatchingCore:
                 while seq.ends and budget > 0 and seq.slot is not None:
                     budget -= self._prefill_alone(seq, out)
             else:
+                size = seq.ends[0] - len(seq.slot.tokens)
+                if joined + size > model.max_chunk:
+                    break  # in arrival order: it goes first in the next iteration
                 joining.append(seq)
-                budget -= seq.ends[0] - len(seq.slot.tokens)
+                joined += size
+                budget -= size
         # 4. ONE forward over every decoding sequence and the joining prompt chunks (seeded sequences alone
         #    where batching changes logits)
         decoding = [s for s in self._running if s.pending is not None and not s.cancelled]
