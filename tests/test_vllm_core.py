@@ -236,3 +236,18 @@ def test_a_crashed_child_is_restarted_and_then_serves(tmp_path: Path) -> None:
         assert seen_unavailable or core.process.ready_seconds is not None
     finally:
         core.close()
+
+
+def test_finished_and_stopped_streams_give_their_connection_back(core: VllmCore) -> None:
+    # The client's pool holds 16 connections (2 x max_seqs, at least 16). Each finished generation must give
+    # its connection back — ended by vLLM (length), by our stop string (we close the stream early) — or the
+    # pool runs dry: make bench saw 32 connections in CLOSE-WAIT and every later request hung.
+    async def many() -> int:
+        for i in range(40):
+            req = request("bcd", 40, stop=("ec",), ignore_eos=True) if i % 2 else request("abc", 3, ignore_eos=True)
+            await asyncio.wait_for(run(core, req), timeout=20)
+        pool = core._client()._http._transport._pool  # type: ignore[attr-defined]
+        await asyncio.sleep(0.2)
+        return sum(1 for c in pool.connections if not c.is_idle())
+
+    assert asyncio.run(many()) == 0

@@ -256,6 +256,7 @@ class VllmCore:
         gen = _Generation(req)
         self._active.add(gen)
         pump: asyncio.Task[None] | None = None
+        vllm_finished = False  # vLLM ended the generation itself (its stream ends next), not our stop/EOS/abort
         try:
             if req.params.max_tokens == 0 and req.prompt_logprobs is None:
                 yield state._finish(Step(""), "length")
@@ -284,6 +285,7 @@ class VllmCore:
                 if isinstance(item, BaseException):
                     raise item
                 assert isinstance(item, CompletionChunk)
+                vllm_finished = vllm_finished or item.finish_reason is not None
                 if first and (prompt := state.prompt_step(item)) is not None:
                     first = False
                     if p.max_tokens == 0:
@@ -303,6 +305,10 @@ class VllmCore:
                     return
         finally:
             try:
+                if pump is not None and not pump.done() and vllm_finished:
+                    # Finished: vLLM's stream ends right after (the usage chunk and [DONE]); reading it to the end
+                    # gives the connection back to the pool without an abort.
+                    await asyncio.wait({pump}, timeout=5.0)
                 if pump is not None and not pump.done():
                     # Cancelling the pump closes the HTTP stream: vLLM aborts the request. Waited for with
                     # asyncio.wait, which never passes our own cancellation on to the pump: when the client went

@@ -431,6 +431,9 @@ def completion_body(
     return body
 
 
+_CLOSING: set[asyncio.Future[None]] = set()  # stream closes in flight (the loop keeps only weak references)
+
+
 class VllmClient:
     """Async client of one vLLM server (base URL or Unix socket). One httpx client, reused per request."""
 
@@ -449,7 +452,8 @@ class VllmClient:
         of `async for`) closes the HTTP stream, which vLLM turns into an abort of the request."""
         body = completion_body(self.model, prompt_ids, **kwargs)
         echo = bool(body.get("echo"))
-        async with self._http.stream("POST", "/v1/completions", json=body) as resp:
+        resp = await self._http.send(self._http.build_request("POST", "/v1/completions", json=body), stream=True)
+        try:
             if resp.status_code != 200:
                 raw = await resp.aread()
                 try:
@@ -461,6 +465,15 @@ class VllmClient:
                 if data.strip() == "[DONE]":
                     return
                 yield parse_completion_chunk(json.loads(data), echo=echo)
+        finally:
+            # Closed in a task of its own, shielded: a consumer cancelled (abort, or a generation that ended before
+            # the stream did) would otherwise interrupt the close half-way, and httpcore then kept the connection
+            # as in use: under `make bench` 32 connections to vLLM sat in CLOSE-WAIT, the pool ran dry and every
+            # later request waited forever with vLLM idle.
+            closing = asyncio.ensure_future(resp.aclose())
+            _CLOSING.add(closing)
+            closing.add_done_callback(_CLOSING.discard)
+            await asyncio.shield(closing)
 
     async def get(self, path: str) -> httpx.Response:
         return await self._http.get(path)

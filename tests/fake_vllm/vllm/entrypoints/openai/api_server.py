@@ -77,6 +77,9 @@ class Handler(BaseHTTPRequestHandler):
             os._exit(9)
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
+        # Chunked on a kept-alive connection, as uvicorn streams (a client that never finishes reading leaves
+        # the connection half-closed on its side: what the pool tests look for).
+        self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
         STATE["running"] += 1
         k = body.get("logprobs")
@@ -105,21 +108,26 @@ class Handler(BaseHTTPRequestHandler):
                     choice["logprobs"] = lps
                 if i == max(1, n_out) - 1:
                     choice["finish_reason"] = "length"
-                self.wfile.write(f"data: {json.dumps({'id': 'cmpl-1', 'choices': [choice]})}\n\n".encode())
+                self._chunk(f"data: {json.dumps({'id': 'cmpl-1', 'choices': [choice]})}\n\n".encode())
                 self.wfile.flush()
                 time.sleep(float(os.environ.get("FAKE_VLLM_TOKEN_S", "0.01")))
             usage = {"prompt_tokens": len(prompt), "completion_tokens": n_out,
                      "total_tokens": len(prompt) + n_out}
-            self.wfile.write(f"data: {json.dumps({'id': 'cmpl-1', 'choices': [], 'usage': usage})}\n\n".encode())
-            self.wfile.write(b"data: [DONE]\n\n")
+            self._chunk(f"data: {json.dumps({'id': 'cmpl-1', 'choices': [], 'usage': usage})}\n\n".encode())
+            self._chunk(b"data: [DONE]\n\n")
+            self.wfile.write(b"0\r\n\r\n")
             self.wfile.flush()
             STATE["finished"] += 1
         except (BrokenPipeError, ConnectionResetError):
             STATE["aborted"] += 1
             print("Aborted request cmpl-1.", flush=True)
+            self.close_connection = True
         finally:
             STATE["running"] -= 1
-        self.close_connection = True
+
+    def _chunk(self, data):
+        self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+        self.wfile.flush()
 
 
 if __name__ == "__main__":
