@@ -231,7 +231,11 @@ def cmd_capture_generate(args: argparse.Namespace) -> int:
             raise ValueError("give --profile (a teacher profile of the config) or --teacher-dir")
         _selected_profiles(argparse.Namespace(all=False, profile=[args.profile]), settings)
         built = _builder(settings).build(args.profile)
-        if not (built.path / "config.json").is_file() or (built.path / "shrinkserve_quant.json").is_file():
+        from shrinkserve.compression.compressed_tensors import is_compressed_tensors_checkpoint
+        from shrinkserve.compression.quant_format import QUANT_CONFIG
+
+        if (not (built.path / "config.json").is_file() or (built.path / QUANT_CONFIG).is_file()
+                or is_compressed_tensors_checkpoint(built.path)):
             raise ValueError(f"profile {args.profile!r} serves {built.path.name}, not a dense HF checkpoint; "
                              "use a profile with method hf (the teacher runs in-process through transformers)")
         teacher, key = built.path, built.key

@@ -240,8 +240,10 @@ def test_then_chains_build_and_load(test_prune: type[TestPrune], base_hf: Path, 
     own = b.build("student")
     assert own.cache_hit and json.loads((own.path / "config.json").read_text())["num_hidden_layers"] == 3
     rtn = b.build("student-rtn")
-    assert test_prune.builds == ["student-q8"] and (rtn.path / "shrinkserve_quant.json").is_file()
-    assert json.loads((rtn.path / "shrinkserve_quant.json").read_text())["group_size"] == 32
+    assert test_prune.builds == ["student-q8"]
+    # weight-only artifacts are compressed-tensors pack-quantized checkpoints (what vLLM serves as is)
+    groups = json.loads((rtn.path / "config.json").read_text())["quantization_config"]["config_groups"]
+    assert {g["weights"]["group_size"] for g in groups.values() if g["weights"]["num_bits"] == 4} == {32}
     from shrinkserve.server.engines.torch_engine import TorchEngine
 
     engine = TorchEngine(rtn.path, threads=2, dtype="float32")
