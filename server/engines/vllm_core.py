@@ -43,7 +43,7 @@ from shrinkserve.server.engines.vllm_process import (
     VllmStartError,
 )
 from shrinkserve.server.runtime.core import Admission, Ticket
-from shrinkserve.server.runtime.decode import StopText
+from shrinkserve.server.runtime.decode import GenerationEnd, StopText
 from shrinkserve.server.runtime.types import (
     CoreStats,
     FinishedGeneration,
@@ -76,7 +76,7 @@ def _info(tok: Tokenizer, token: int, logprob: float | None = None, top: list[To
     return info
 
 
-class _Stream:
+class _Stream(GenerationEnd):
     """vLLM's streamed tokens → our Steps, for one generation (the out-of-process twin of DecodeState)."""
 
     def __init__(self, req: GenerationRequest, tok: Tokenizer, *, record: bool) -> None:
@@ -148,20 +148,6 @@ class _Stream:
             steps.append(self._finish(Step(tail), reason))
         return steps
 
-    def _finish(self, step: Step, reason: str) -> Step:
-        self.finish_reason = step.finish_reason = reason
-        return step
-
-    def abort(self) -> Step:
-        self.finish_reason = "abort"
-        return Step(self.text.flush(), finish_reason="abort")
-
-    def finished_generation(self, profile: str) -> FinishedGeneration:
-        assert self.finish_reason is not None
-        return FinishedGeneration(profile=profile, prompt_ids=list(self.req.prompt_ids),
-                                  completion_ids=list(self.generated), finish_reason=self.finish_reason,
-                                  params=self.params, sampled_logprobs=list(self.sampled_logprobs),
-                                  topk=list(self.topk), route=self.req.route)
 
 
 def sampler_extras(p: SamplingParams) -> dict[str, Any]:

@@ -15,7 +15,14 @@ import numpy as np
 
 from shrinkserve.server.runtime.logits_processors import build_processors
 from shrinkserve.server.runtime.sampling import Sampler, log_softmax, top_k
-from shrinkserve.server.runtime.types import FinishedGeneration, GenerationRequest, LogitsProcessor, Step, TokenInfo
+from shrinkserve.server.runtime.types import (
+    FinishedGeneration,
+    GenerationRequest,
+    LogitsProcessor,
+    SamplingParams,
+    Step,
+    TokenInfo,
+)
 
 
 class TokenBytes(Protocol):
@@ -91,7 +98,37 @@ class StopText:
         return out
 
 
-class DecodeState:
+class GenerationEnd:
+    """How a generation ends, shared by `DecodeState` (in-process engines) and the vLLM core's stream: the
+    finishing step, the abort step (held-back text flushed), and the record handed to observers (capture).
+    Expects `req`, `params`, `text` (StopText), `generated`, `sampled_logprobs`, `topk`, `finish_reason`."""
+
+    req: GenerationRequest
+    params: SamplingParams
+    text: StopText
+    generated: list[int]
+    sampled_logprobs: list[float]
+    topk: list[list[tuple[int, float]]]
+    finish_reason: str | None
+
+    def _finish(self, step: Step, reason: str) -> Step:
+        self.finish_reason = step.finish_reason = reason
+        return step
+
+    def abort(self) -> Step:
+        """The final step of a cancelled or drained generation: the held-back text, finish_reason "abort"."""
+        self.finish_reason = "abort"
+        return Step(self.text.flush(), finish_reason="abort")
+
+    def finished_generation(self, profile: str) -> FinishedGeneration:
+        assert self.finish_reason is not None
+        return FinishedGeneration(profile=profile, prompt_ids=list(self.req.prompt_ids),
+                                  completion_ids=list(self.generated), finish_reason=self.finish_reason,
+                                  params=self.params, sampled_logprobs=list(self.sampled_logprobs),
+                                  topk=list(self.topk), route=self.req.route)
+
+
+class DecodeState(GenerationEnd):
     """Sampler + stop text + counters of one sequence; `advance(row)` → (Step, next token or None).
 
     `capacity` is how many tokens the sequence's KV slot holds: a sampled token that could not be fed
@@ -183,18 +220,3 @@ class DecodeState:
             return self._finish(Step(released + self.text.flush(), [info], n_tokens=1), "length"), None
         return Step(released, [info], n_tokens=1), token
 
-    def _finish(self, step: Step, reason: str) -> Step:
-        self.finish_reason = step.finish_reason = reason
-        return step
-
-    def abort(self) -> Step:
-        """The final step of a cancelled or drained generation: the held-back text, finish_reason "abort"."""
-        self.finish_reason = "abort"
-        return Step(self.text.flush(), finish_reason="abort")
-
-    def finished_generation(self, profile: str) -> FinishedGeneration:
-        assert self.finish_reason is not None
-        return FinishedGeneration(profile=profile, prompt_ids=list(self.req.prompt_ids),
-                                  completion_ids=list(self.generated), finish_reason=self.finish_reason,
-                                  params=self.params, sampled_logprobs=list(self.sampled_logprobs),
-                                  topk=list(self.topk), route=self.req.route)
