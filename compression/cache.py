@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, BinaryIO
 
 import filelock
 
@@ -145,13 +145,13 @@ def _fsync_path(path: Path, *, directory: bool = False) -> None:
         os.close(fd)
 
 
-def write_json_atomic(path: Path, data: Any, *, tmp_prefix: str = ".tmp.") -> None:
-    """Replace ``path`` with ``data`` as JSON: readers see the old file or the new one, never half of one."""
+def write_file_atomic(path: Path, write: Callable[[BinaryIO], object], *, tmp_prefix: str = ".tmp.") -> None:
+    """`write(f)` into a temp file beside ``path``, fsync, rename over ``path``, fsync the directory: readers
+    see the old file or the new one, never half of one (also what training checkpoints write through)."""
     fd, tmp_name = tempfile.mkstemp(prefix=tmp_prefix, suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-            f.write("\n")
+        with os.fdopen(fd, "wb") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_name, path)
@@ -160,6 +160,12 @@ def write_json_atomic(path: Path, data: Any, *, tmp_prefix: str = ".tmp.") -> No
             os.unlink(tmp_name)
         raise
     _fsync_path(path.parent, directory=True)
+
+
+def write_json_atomic(path: Path, data: Any, *, tmp_prefix: str = ".tmp.") -> None:
+    """Replace ``path`` with ``data`` as JSON, atomically (`write_file_atomic`)."""
+    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
+    write_file_atomic(path, lambda f: f.write(text.encode("utf-8")), tmp_prefix=tmp_prefix)
 
 
 def _safe_relpath(rel: str) -> bool:

@@ -9,7 +9,6 @@ than one is kept.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -23,6 +22,9 @@ from typing import Any
 
 import torch
 
+from shrinkserve.compression.cache import _fsync_path
+from shrinkserve.compression.cache import write_file_atomic as _write_file_atomic
+
 _STEP_RE = re.compile(r"step-(\d{8,})")
 _TMP_PREFIX = ".tmp-"
 STATE = "state.json"
@@ -30,31 +32,10 @@ MODEL = "model.pt"
 OPTIMIZER = "optimizer.pt"
 
 
-def _fsync(path: Path, *, directory: bool = False) -> None:
-    fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
-    try:
-        os.fsync(fd)
-    except OSError:
-        if not directory:  # some filesystems refuse fsync on directories: durability is best effort there
-            raise
-    finally:
-        os.close(fd)
-
-
 def write_file_atomic(path: Path, write: Any) -> None:
-    """`write(f)` into a temp file beside `path`, fsync, rename over `path`, fsync the directory."""
-    fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync(path.parent, directory=True)
+    """`write(f)` into a temp file beside `path` (a name the store's sweep removes), fsync, rename over `path`,
+    fsync the directory."""
+    _write_file_atomic(path, write, tmp_prefix=_TMP_PREFIX)
 
 
 @dataclass
@@ -105,15 +86,15 @@ class CheckpointStore:
             torch.save(dict(optimizer_state), work / OPTIMIZER)
             (work / STATE).write_text(json.dumps({**state, "step": step}, sort_keys=True), encoding="utf-8")
             for name in (MODEL, OPTIMIZER, STATE):
-                _fsync(work / name)
-            _fsync(work, directory=True)
+                _fsync_path(work / name)
+            _fsync_path(work, directory=True)
             if final.exists():  # the same step saved again after a resume: replace it whole
                 self._remove(final)
             os.rename(work, final)
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)
             raise
-        _fsync(self.root, directory=True)
+        _fsync_path(self.root, directory=True)
         for old in self.steps()[: -self.keep]:
             self._remove(self.root / f"step-{old:08d}")
         return final
