@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Evidence for issue 10: distilled students of the default model against the teacher and its quants.
+"""Evidence for distillation: distilled students of the default model against the teacher and its quants.
 
 For one narrow task (the shipped word-forms prompt set: plurals, antonyms, ...) and for general chat prompts
 (the shipped general set), the teacher (SmolLM2-135M-Instruct, float32 HF checkpoint of the embedded GGUF)

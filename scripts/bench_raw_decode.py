@@ -10,7 +10,7 @@ depends on).
     .venv/bin/python scripts/bench_raw_decode.py --profile q4_k_m --batch 1 --batch 8 --threads 2
     .venv/bin/python scripts/bench_raw_decode.py --gguf /path/model.gguf --batch 1 --batch 8 --json
 
-"≥ 85% of raw" (issue 9) compares `shrinkserve bench --concurrency 8` aggregate tok/s with the
+"≥ 85% of raw" (the continuous-batching target) compares `shrinkserve bench --concurrency 8` aggregate tok/s with the
 `--batch 8` figure here, on the same file and thread count, on a quiet box.
 """
 

@@ -5,7 +5,7 @@ arguments, so every branch is unit-tested on a CPU-only box; `probe_cuda` reads 
 The rules (see docs/int4-cuda-plan.md for the int4 CUDA kernel that is planned and its measurements-to-do):
 
 * `auto` = CUDA when a device is visible, else CPU. `cuda` without a visible device is a configuration
-  error, not a silent CPU fallback: a GPU deployment that runs on CPU is the bug issue 12 fixes.
+  error, not a silent CPU fallback: a GPU deployment that silently runs on CPU is the bug this rule prevents.
 * On CUDA, weights run in the profile's dtype (bf16 by default); bf16 becomes fp16 on GPUs without it
   (compute capability < 8.0). CPU keeps the profile's dtype, as today.
 * int8 weight-only: torch's `_weight_int8pack_mm` has no CUDA kernel, so on CUDA the codes are dequantized

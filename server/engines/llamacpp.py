@@ -143,7 +143,7 @@ class LlamaCppEngine(Engine):
         llama_cpp.llama_backend_init()
         self.threads = threads
         # Thread counts each step chooses from by measurement (ThreadTuner): the configured count and,
-        # for 2+ threads, half of it (1 thread decoded a single token as fast as 2 here, issue 9).
+        # for 2+ threads, half of it (1 thread decoded a single token as fast as 2 here, measured on the 2-core box).
         self.thread_candidates = sorted({threads, max(1, threads // 2)})
         self.flash_attn = flash_attn
         self.max_batch = max_batch
