@@ -50,60 +50,56 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends build-essential cmake ninja-build \
  && rm -rf /var/lib/apt/lists/*
 
-# The Makefile's flags: the library only (no tools, examples, server, multimodal), AVX2/AVX-512, AMX
-# off (llama.cpp's AMX int8 path crashed with SIGSEGV). GGML_NATIVE=OFF keeps the binary independent
-# of the build host; for CPUs without AVX-512 pass the same list with -DGGML_AVX512*=OFF.
-ARG LLAMA_CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON \
--DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF \
+# The Makefile's flags: the library only (no tools, examples, server, multimodal), AMX off (llama.cpp's AMX
+# int8 path crashed with SIGSEGV). The instruction sets are a portable x86-64 set (AVX2/FMA/F16C, no AVX-512:
+# AVX-512 code dies with SIGILL on CPUs without it, e.g. AVX2-only AMD EPYCs); on a fleet with AVX-512 pass
+# --build-arg LLAMA_CMAKE_ARGS with the list `bash scripts/llama_isa_args.sh` prints there plus these.
+# The venv stages compile llama-cpp-python from the locked sdist with them.
+ARG LLAMA_CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+-DGGML_AVX512=OFF -DGGML_AVX512_VBMI=OFF -DGGML_AVX512_VNNI=OFF -DGGML_AVX512_BF16=OFF \
+-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF \
 -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
 -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF"
-ARG LLAMA_CPP_PYTHON_VERSION=0.3.36
-
-SHELL ["/bin/bash", "-o", "pipefail", "-c"]
-RUN CMAKE_ARGS="${LLAMA_CMAKE_ARGS}" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
-    pip wheel --no-cache-dir --no-deps --wheel-dir /wheels "llama-cpp-python==${LLAMA_CPP_PYTHON_VERSION}"
+ENV CMAKE_ARGS="${LLAMA_CMAKE_ARGS}"
 
 WORKDIR /src
+COPY requirements/ requirements/
 COPY pyproject.toml README.md ./
 COPY server/ server/
 COPY compression/ compression/
 COPY kernels/ kernels/
 
 # ---------------------------------------------------------------------------------------------------
+# Every venv installs from a lock file (requirements/*.lock.txt, `make lock`): hash-checked, no resolution
+# (--no-deps), the locked build tools first so the sdists build without fetching unpinned ones. The image
+# venvs take the project without its test tools, at the versions the test suite ran with.
 FROM builder AS venv-cpu
 
-# torch first, from the CPU index and pinned as in pyproject: PyPI's default torch is a multi-GB
-# CUDA build. `torch==2.13.0` in the project's dependencies is then satisfied by 2.13.0+cpu.
+# torch 2.13.0+cpu from the PyTorch CPU index: PyPI's torch is the multi-GB CUDA build.
 RUN python -m venv /opt/venv \
- && pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cpu torch==2.13.0 \
- && pip install --no-cache-dir --find-links /wheels . \
- && pip install --no-cache-dir --no-deps llmcompressor==0.14.0.1 compressed-tensors==0.19.0 auto-round==0.15.1 \
- && pip install --no-cache-dir loguru==0.7.3 datasets==5.2.0 nvidia-ml-py==13.615.71 pillow==13.0.0 \
-    psutil==7.2.2 py-cpuinfo==9.0.0
-# llm-compressor (AWQ/GPTQ profiles) goes in without its deps, as in the Makefile: it pins an older
-# transformers than ours and would pull another torch; the few modules it imports are pinned to the
-# versions the test suite runs with.
+ && pip install --no-cache-dir --require-hashes --no-deps -r requirements/build.lock.txt \
+ && CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" pip install --no-cache-dir --require-hashes --no-deps \
+    --no-build-isolation --extra-index-url https://download.pytorch.org/whl/cpu -r requirements/docker-cpu.lock.txt \
+ && pip install --no-cache-dir --no-deps --no-build-isolation .
 
 # ---------------------------------------------------------------------------------------------------
 FROM builder AS venv-gpu
 
-# The project's own venv with CUDA torch: the same pin as pyproject (torch==2.13.0), from PyPI's default
-# index, whose Linux wheel is the CUDA build (the CPU image takes the CPU index instead). The PyTorch engine
-# places hf/int8/int4 profiles on the GPU (device: auto). llama.cpp stays the CPU build from the builder.
+# The project's own venv with PyPI's CUDA build of the same torch release (requirements/docker-gpu.lock.txt);
+# the PyTorch engine places hf/int8/int4 profiles on the GPU (device: auto). llama.cpp stays the CPU build.
 RUN python -m venv /opt/venv \
- && pip install --no-cache-dir torch==2.13.0 \
- && pip install --no-cache-dir --find-links /wheels . \
- && pip install --no-cache-dir --no-deps llmcompressor==0.14.0.1 compressed-tensors==0.19.0 auto-round==0.15.1 \
- && pip install --no-cache-dir loguru==0.7.3 datasets==5.2.0 nvidia-ml-py==13.615.71 pillow==13.0.0 \
-    psutil==7.2.2 py-cpuinfo==9.0.0
+ && pip install --no-cache-dir --require-hashes --no-deps -r requirements/build.lock.txt \
+ && CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" pip install --no-cache-dir --require-hashes --no-deps \
+    --no-build-isolation -r requirements/docker-gpu.lock.txt \
+ && pip install --no-cache-dir --no-deps --no-build-isolation .
 
 # ---------------------------------------------------------------------------------------------------
 # vLLM in its own venv (~10 GB with its CUDA torch): never the project's, its pins clash with ours.
 FROM base AS venv-vllm
 
-ARG VLLM_VERSION=0.33.0
+COPY requirements/docker-vllm-gpu.lock.txt /tmp/vllm.lock.txt
 RUN python -m venv /opt/vllm \
- && /opt/vllm/bin/pip install --no-cache-dir "vllm==${VLLM_VERSION}" \
+ && /opt/vllm/bin/pip install --no-cache-dir --require-hashes --no-deps -r /tmp/vllm.lock.txt \
  && /opt/vllm/bin/python -c "import vllm.entrypoints.openai.api_server"
 
 # ---------------------------------------------------------------------------------------------------

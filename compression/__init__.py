@@ -1,5 +1,11 @@
 """Compression: profiles, quantizers, artifact cache, evaluation."""
 
+if __name__ != "shrinkserve.compression":
+    # Reached as a top-level `compression` (the repository root on sys.path): that name is not ours.
+    from shrinkserve.kernels._toplevel import hand_over
+
+    hand_over(__name__)
+
 from importlib import resources
 from pathlib import Path
 

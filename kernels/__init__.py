@@ -1,23 +1,30 @@
 """Low-bit matmul kernels used by the PyTorch engine (AWQ/GPTQ/int8 profiles)."""
 
-from .int4 import Int4Linear
-from .int8 import Int8Linear
-from .reference import (
-    dequantize_int4,
-    dequantize_int8,
-    int4_linear_ref,
-    int8_linear_ref,
-    quantize_int4_rtn,
-    quantize_int8_per_channel,
-)
+if __name__ != "shrinkserve.kernels":
+    # Reached as a top-level `kernels` (the repository root on sys.path): Hugging Face's `kernels`
+    # distribution owns that name (transformers imports it).
+    from shrinkserve.kernels._toplevel import hand_over
 
-__all__ = [
-    "Int4Linear",
-    "Int8Linear",
-    "dequantize_int4",
-    "dequantize_int8",
-    "int4_linear_ref",
-    "int8_linear_ref",
-    "quantize_int4_rtn",
-    "quantize_int8_per_channel",
-]
+    hand_over(__name__)
+else:
+    from .int4 import Int4Linear
+    from .int8 import Int8Linear
+    from .reference import (
+        dequantize_int4,
+        dequantize_int8,
+        int4_linear_ref,
+        int8_linear_ref,
+        quantize_int4_rtn,
+        quantize_int8_per_channel,
+    )
+
+    __all__ = [
+        "Int4Linear",
+        "Int8Linear",
+        "dequantize_int4",
+        "dequantize_int8",
+        "int4_linear_ref",
+        "int8_linear_ref",
+        "quantize_int4_rtn",
+        "quantize_int8_per_channel",
+    ]

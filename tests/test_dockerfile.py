@@ -20,6 +20,7 @@ import yaml
 from shrinkserve.server.settings import default_config_path
 from tests.conftest import REPO, ServerProcess, free_port
 from tests.test_helm import find_tool
+from tests.test_lock import lock_pins
 
 DOCKERFILE = REPO / "Dockerfile"
 CHART_VALUES = REPO / "helm" / "shrinkserve" / "values.yaml"
@@ -103,7 +104,6 @@ def test_multi_stage_layout() -> None:
     froms = {i.stage: i.args.split()[0] for i in INSTR if i.op == "FROM"}
     # The runtime line never sees the compiler: it descends from `base`, not from `builder`.
     assert froms["runtime"] == "base" and froms["gpu"] == froms["cpu"] == "runtime"
-    assert any("pip wheel" in a and "llama-cpp-python" in a for a in args_of("RUN", "builder"))
     assert any("build-essential" in a for a in args_of("RUN", "builder"))
     assert not any("build-essential" in a for s in ("base", "runtime", "gpu", "cpu") for a in args_of("RUN", s))
     for stage, venv in (("gpu", "venv-gpu"), ("cpu", "venv-cpu")):
@@ -114,7 +114,9 @@ def test_multi_stage_layout() -> None:
         assert volume == ["/var/cache/shrinkserve"]
     # vLLM in its own venv, copied beside ours and found through SHRINKSERVE_VLLM_PYTHON.
     assert "vllm" not in " ".join(args_of("RUN", "venv-gpu"))
-    assert '/opt/vllm/bin/pip install --no-cache-dir "vllm==${VLLM_VERSION}"' in " ".join(args_of("RUN", "venv-vllm"))
+    assert ("/opt/vllm/bin/pip install --no-cache-dir --require-hashes --no-deps -r /tmp/vllm.lock.txt"
+            in " ".join(args_of("RUN", "venv-vllm")))
+    assert "requirements/docker-vllm-gpu.lock.txt /tmp/vllm.lock.txt" in args_of("COPY", "venv-vllm")
     assert "--from=venv-vllm /opt/vllm /opt/vllm" in args_of("COPY", "gpu")
     assert "SHRINKSERVE_VLLM_PYTHON=/opt/vllm/bin/python" in args_of("ENV", "gpu")
     assert args_of("EXPOSE", "runtime") == ["8000"]
@@ -130,16 +132,35 @@ def runtime_env() -> dict[str, str]:
     return env
 
 
-def test_pins_agree_with_makefile_and_pyproject() -> None:
-    assert arg_default("LLAMA_CMAKE_ARGS").split() == makefile_var("LLAMA_CMAKE_ARGS").split()
-    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
-    assert f"llama-cpp-python=={arg_default('LLAMA_CPP_PYTHON_VERSION')}" in deps
-    torch_pin = next(d for d in deps if d.startswith("torch"))
+LOCKED = "pip install --no-cache-dir --require-hashes --no-deps"
+
+
+def test_venvs_install_the_locks_with_the_makefiles_build_flags() -> None:
+    image = arg_default("LLAMA_CMAKE_ARGS").split()
+    common = makefile_var("LLAMA_COMMON_ARGS").split()
+    assert image[-len(common):] == common  # the Makefile's build options, AMX off
+    # A portable instruction set (the Makefile reads this machine's): AVX2, no AVX-512 (SIGILL without it).
+    assert {"-DGGML_NATIVE=OFF", "-DGGML_AVX2=ON", "-DGGML_AVX512=OFF", "-DGGML_AVX512_BF16=OFF"} <= set(image)
+    isa = subprocess.run(["bash", str(REPO / "scripts" / "llama_isa_args.sh")], capture_output=True, text=True)
+    assert {f.split("=")[0] for f in isa.stdout.split()} == {f.split("=")[0] for f in image[:-len(common)]}
+    assert 'CMAKE_ARGS="${LLAMA_CMAKE_ARGS}"' in args_of("ENV", "builder")
+    assert "requirements/ requirements/" in args_of("COPY", "builder")
+    for stage, lock in (("venv-cpu", "docker-cpu"), ("venv-gpu", "docker-gpu")):
+        run = " ".join(" ".join(args_of("RUN", stage)).split())
+        # The locked build tools first, then the lock without resolution or build isolation, then the project.
+        build, locked, project = (run.index(f"{LOCKED} -r requirements/build.lock.txt"),
+                                  run.index(f"-r requirements/{lock}.lock.txt"),
+                                  run.index("pip install --no-cache-dir --no-deps --no-build-isolation ."))
+        assert build < locked < project, stage
+        assert f"{LOCKED} --no-build-isolation" in run, stage
+    # No stage installs anything by name, outside a lock.
+    for i in INSTR:
+        if i.op == "RUN" and "pip install" in i.args:
+            for cmd in re.split(r"&&", i.args):
+                if "pip install" in cmd:
+                    assert "-r " in cmd or cmd.rstrip().endswith(" ."), cmd
     cpu = " ".join(args_of("RUN", "venv-cpu"))
-    assert torch_pin in cpu and "--index-url https://download.pytorch.org/whl/cpu" in cpu
-    # The AWQ/GPTQ extras installed without deps, as the Makefile does.
-    make_nodeps = re.search(r"pip install --no-deps (.*)", (REPO / "Makefile").read_text()).group(1).split()
-    assert all(p in cpu for p in make_nodeps), make_nodeps
+    assert "--extra-index-url https://download.pytorch.org/whl/cpu" in cpu
 
 
 def test_copies_every_source_folder_the_package_needs() -> None:
@@ -191,14 +212,13 @@ def test_prebuild_builds_exactly_the_default_profiles(tmp_path: Path) -> None:
 
 def test_gpu_venv_is_the_project_with_cuda_torch() -> None:
     run = " ".join(args_of("RUN", "venv-gpu"))
-    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
-    torch_pin = next(d for d in deps if d.startswith("torch"))
-    # The same pin as the project, from PyPI's default index (its Linux wheel is the CUDA build).
-    assert f"pip install --no-cache-dir {torch_pin}" in run and "download.pytorch.org/whl/cpu" not in run
-    assert "pip install --no-cache-dir --find-links /wheels ." in run
-    make_nodeps = re.search(r"pip install --no-deps (.*)", (REPO / "Makefile").read_text()).group(1).split()
-    assert all(p in run for p in make_nodeps), make_nodeps
-
+    assert "download.pytorch.org/whl/cpu" not in run and "vllm" not in run
+    # PyPI's torch (the CUDA build) at the release the CPU lock has, everything else as the suite ran it.
+    locked = lock_pins(REPO / "requirements" / "docker-gpu.lock.txt")
+    tested = lock_pins(REPO / "requirements" / "main.lock.txt")
+    assert locked["torch"] == tested["torch"].split("+")[0] and "+" not in locked["torch"]
+    assert {n: v for n, v in locked.items() if n != "torch" and n in tested} == {
+        n: tested[n] for n in locked if n != "torch" and n in tested}
 
 def healthcheck_argv() -> list[str]:
     hc = args_of("HEALTHCHECK", "runtime")[0]

@@ -372,4 +372,6 @@ def test_real_abort_on_close_and_metrics_relay(real_vllm: VllmProcess) -> None:
     generated = metric("vllm:generation_tokens_total", profile="vllm-base") - generated_before
     assert 3 <= generated < 200, generated  # 1,500 asked for
     assert "Aborted request" in real_vllm.log_path.read_text()
-    assert metric("vllm:kv_cache_usage_perc", profile="vllm-base") >= 0  # family present, relabelled
+    usage = [s.value for s in samples(generate_latest(registry).decode())
+             if s.name == "vllm:kv_cache_usage_perc" and s.labels.get("profile") == "vllm-base"]
+    assert len(usage) == 1 and 0.0 <= usage[0] <= 1.0, usage  # the family is relayed, relabelled with the profile
