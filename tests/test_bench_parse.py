@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 
@@ -115,7 +116,9 @@ def test_sweep_table_and_levels() -> None:
     rows = [line for line in table.splitlines() if line.startswith("| 1 ") or line.startswith("| 8 ")]
     assert len(rows) == 2 and "2.50x" in rows[1] and "| 300 |" in rows[1]
     assert bench.parse_levels("1,2,4") == [1, 2, 4]
-    with pytest.raises(Exception, match="integers"):
+    with pytest.raises(argparse.ArgumentTypeError, match="comma-separated integers, got '1,x'"):
         bench.parse_levels("1,x")
+    with pytest.raises(argparse.ArgumentTypeError, match="levels must be >= 1"):
+        bench.parse_levels("0,2")
     assert bench.process_rss(os.getpid()) > 10 * 2**20
     assert bench.process_rss(2**22 + 12345) is None

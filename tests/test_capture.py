@@ -17,7 +17,9 @@ import pytest
 
 from shrinkserve.compression import traffic
 from shrinkserve.compression.base_model import embedded_gguf_path
+from shrinkserve.compression.cache import ArtifactCache
 from shrinkserve.compression.calibration import calibration_samples, calibration_text
+from shrinkserve.compression.profiles import BaseSpec, ProfileBuilder, ProfileSpec
 from tests.conftest import ServerProcess
 
 
@@ -48,7 +50,6 @@ def test_a_teachers_traffic_is_captured_with_the_apis_logprobs(cache_dir: Path, 
                            ("/eval/v1/chat/completions", "base")]:
             r = httpx.post(proc.url + url, json={**chat, "model": model}, timeout=120)
             assert r.status_code == 200, r.text
-        key = next(c for c in httpx.get(proc.url + "/v1/models", timeout=30).json()["data"] if c["id"] == "base")
     finally:
         assert proc.stop() in (0, -signal.SIGTERM), proc.log()  # the writer closes its segment at shutdown
 
@@ -58,8 +59,11 @@ def test_a_teachers_traffic_is_captured_with_the_apis_logprobs(cache_dir: Path, 
     assert [r.route for r in records] == ["/v1/chat/completions", "/v1/completions"], proc.log()
     rec = records[0]
     t = rec.teacher
-    assert t.profile == "base" and t.artifact_key and t.vocab_size == 49152 and t.tokenizer_sha256
-    assert t.chat_template_sha256 and key["id"] == "base"
+    assert t.profile == "base" and t.vocab_size == 49152 and t.tokenizer_sha256 and t.chat_template_sha256
+    # the teacher is named by the cache key of the artifact the server served
+    served = ProfileBuilder(ArtifactCache(cache_dir), {"smollm2": BaseSpec()},
+                            {"base": ProfileSpec(method="gguf:f16", is_teacher=True)}, threads=2)
+    assert t.artifact_key == served.key("base") and served.cache.lookup(t.artifact_key) is not None
     assert rec.sampling["temperature"] == 0 and rec.sampling["max_tokens"] == 12
     assert len(rec.prompt_ids) == answer["usage"]["prompt_tokens"]
     # every sampled token, the final EOS included (the API counts it in usage but does not list it)

@@ -23,7 +23,7 @@ def test_auto_without_cuda_is_cpu_with_the_cpu_kernels(weights: str) -> None:
 def test_cuda_requested_without_cuda_is_an_error_not_a_silent_cpu_run() -> None:
     with pytest.raises(DeviceUnavailable, match="no CUDA device"):
         select_device("cuda", "bfloat16", "dense", NO_GPU)
-    with pytest.raises(DeviceUnavailable):
+    with pytest.raises(DeviceUnavailable, match="no CUDA device"):
         select_device("cuda", "bfloat16", "dense", CudaFacts(True, 0))  # CUDA runtime but no device assigned
 
 
@@ -58,9 +58,9 @@ def test_explicit_float32_and_float16_are_kept_on_gpu() -> None:
 
 
 def test_bad_values_are_rejected() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="device must be auto, cpu or cuda, not 'gpu'"):
         select_device("gpu", "bfloat16", "dense", NO_GPU)  # type: ignore[arg-type]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="unknown dtype 'int8'"):
         select_device("auto", "int8", "dense", NO_GPU)
 
 

@@ -84,19 +84,20 @@ def test_distill_then_int8_quantizes_the_student(setup, tmp_path: Path) -> None:
     found = find_distill_node(b.plan("s8").node)
     assert found is not None and found.key == plain.key
     manifest = json.loads((quant.path / "manifest.json").read_text()) if quant.path.is_dir() else quant.manifest
-    assert manifest["inputs"]  # derived from the student artifact, not from the base
+    assert list(manifest["inputs"].values()) == [plain.key]  # derived from the student artifact, not the base
 
 
 def test_unknown_or_misplaced_distill_options_are_rejected(setup) -> None:
     from shrinkserve.compression.profiles import ProfileSpec
 
     _, data = setup
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"loss\.kind\n  Input should be 'kd', 'topk' or 'ce'"):
         ProfileSpec.model_validate(_profile(data, loss={"kind": "nope"}))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="'group_size' means nothing for method 'distill'"):
         ProfileSpec.model_validate(_profile(data, group_size=32))  # a weight-only option means nothing here
-    with pytest.raises(ValueError):
-        ProfileSpec.model_validate({"method": "rtn", "then": ["distill"]})  # distill is a first step only
+    # distill is a first step only (a complete distill step, so its options are not what is refused)
+    with pytest.raises(ValueError, match="then\\[0\\]: 'distill' takes only a base, but 'rtn' produces"):
+        ProfileSpec.model_validate({"method": "rtn", "then": [_profile(data)]})
 
 
 def test_evaluation_scores_a_student_and_its_quantized_form_on_held_out_traffic(setup, tmp_path: Path) -> None:

@@ -28,6 +28,7 @@ scales) must exceed them.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -206,21 +207,24 @@ def test_int4_swapped_nibbles_fail_tolerance() -> None:
 
 
 @pytest.mark.parametrize(
-    ("shape", "group", "codes_max"),
-    [((64, 96), 64, 15), ((64, 64), 16, 15), ((64, 64), 48, 15), ((64, 64), 32, 16)],
+    ("shape", "group", "codes_max", "message"),
+    [((64, 96), 64, 15, "K=96 must be a positive multiple of group_size=64"),
+     ((64, 64), 16, 15, "group_size=16 unsupported"),
+     ((64, 96), 48, 15, "group_size=48 unsupported"),  # K a multiple of 48: the group size itself is refused
+     ((64, 64), 32, 16, "int4 codes must lie in 0..15")],
     ids=["K%G", "G=16", "G=48", "code16"],
 )
-def test_int4_rejects_unsupported(shape: tuple[int, int], group: int, codes_max: int) -> None:
+def test_int4_rejects_unsupported(shape: tuple[int, int], group: int, codes_max: int, message: str) -> None:
     n, k = shape
     q = torch.full((n, k), codes_max, dtype=torch.uint8)
     s = torch.ones(n, max(k // group, 1))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=re.escape(message)):
         Int4Linear.from_quantized(q, s, torch.full_like(s, 8.0), group)
 
 
 def test_int4_rejects_wrong_activation_width() -> None:
     q, s, z = quantize_int4_rtn(make_weight(48, 64, seed=0), 32, symmetric=True)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=re.escape("expected activations [..., 64], got shape (2, 63)")):
         Int4Linear.from_quantized(q, s, z, 32)(torch.randn(2, 63))
 
 
@@ -276,9 +280,9 @@ def test_int8_permuted_scales_fail_tolerance() -> None:
 
 
 def test_int8_rejects_bad_input_and_counts_bytes() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=re.escape("int8 codes must be an int8 [N, K] tensor, got torch.uint8")):
         Int8Linear.from_quantized(torch.zeros(4, 16, dtype=torch.uint8), torch.ones(4))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=re.escape("scales must have shape [N] = [4], got (5,)")):
         Int8Linear.from_quantized(torch.zeros(4, 16, dtype=torch.int8), torch.ones(5))
     mod = Int8Linear.from_quantized(torch.zeros(576, 1536, dtype=torch.int8), torch.ones(576))
     assert mod.weight_bytes() == 576 * 1536 + 576 * 2
