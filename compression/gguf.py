@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 # llama.cpp's `llama_ftype` values (include/llama.h) for the types we offer. Kept here rather than read
 # from llama_cpp so settings validate without loading the native library.
@@ -36,8 +41,15 @@ def quiet_llama_cpp(level: int = logging.ERROR) -> None:
     logging.getLogger("llama-cpp-python").setLevel(level)
 
 
-def quantize_gguf(src: Path, dst: Path, quant_type: str, *, threads: int) -> None:
-    """Write `src` re-quantized to `quant_type` (a key of GGUF_TYPES) at `dst`."""
+def quantize_gguf(
+    src: Path, dst: Path, quant_type: str, *, threads: int, imatrix: Mapping[str, np.ndarray] | None = None,
+    metadata: Mapping[str, str | int] | None = None,
+) -> None:
+    """Write `src` re-quantized to `quant_type` (a key of GGUF_TYPES) at `dst`.
+
+    `imatrix`: {GGUF tensor name: mean x² per input column} weighting each weight's rounding error
+    (llama_model_quantize_params.imatrix; see compression/imatrix.py). `metadata`: string / integer keys
+    written into the output GGUF (llama-quantize records `quantize.imatrix.*` this way)."""
     import llama_cpp
 
     quiet_llama_cpp()
@@ -46,6 +58,38 @@ def quantize_gguf(src: Path, dst: Path, quant_type: str, *, threads: int) -> Non
     params.nthread = threads
     # Our sources may already be quantized (the embedded model is Q4_1); llama.cpp dequantizes them.
     params.allow_requantize = True
+    keep: list[object] = []  # what the C arrays point into lives until llama_model_quantize returns
+    if imatrix:
+        params.imatrix = _imatrix_array(llama_cpp, imatrix, keep)
+    if metadata:
+        params.kv_overrides = _kv_overrides(llama_cpp, metadata, keep)
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
     if rc != 0 or not dst.is_file():
         raise RuntimeError(f"llama_model_quantize({src.name} → {quant_type}) failed with code {rc}")
+
+
+def _imatrix_array(llama_cpp: Any, imatrix: Mapping[str, np.ndarray], keep: list[object]) -> Any:
+    entries = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()  # zeroed: the last is the terminator
+    for entry, (name, values) in zip(entries, sorted(imatrix.items()), strict=False):
+        data = np.ascontiguousarray(values, dtype=np.float32)
+        encoded = name.encode()
+        keep += [data, encoded]
+        entry.name = encoded
+        entry.data = data.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        entry.size = data.size
+    keep.append(entries)
+    return ctypes.cast(entries, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
+
+
+def _kv_overrides(llama_cpp: Any, metadata: Mapping[str, str | int], keep: list[object]) -> Any:
+    overrides = (llama_cpp.llama_model_kv_override * (len(metadata) + 1))()  # an empty key ends the array
+    for o, (key, value) in zip(overrides, metadata.items(), strict=False):
+        o.key = key.encode()[:127]
+        if isinstance(value, int):
+            o.tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_INT
+            o.value.val_i64 = value
+        else:
+            o.tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR
+            o.value.val_str = str(value).encode()[:127]
+    keep.append(overrides)
+    return ctypes.cast(overrides, ctypes.POINTER(llama_cpp.llama_model_kv_override))
