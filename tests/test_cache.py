@@ -8,6 +8,7 @@ import json
 import logging
 import multiprocessing
 import os
+import re
 import shutil
 import signal
 import threading
@@ -86,7 +87,7 @@ def test_build_then_hit(tmp_path: Path) -> None:
 
 def test_cache_key_stability_and_sensitivity() -> None:
     base = cache_key(INPUTS, RECIPE, TOOLS)
-    assert len(base) == 64 and int(base, 16) >= 0
+    assert re.fullmatch("[0-9a-f]{64}", base), base  # sha256, hex
     # Same content, different dict order / mapping type: same key.
     reordered = dict(reversed(list(RECIPE.items())))
     assert cache_key(dict(INPUTS), reordered, dict(reversed(list(TOOLS.items())))) == base
@@ -231,7 +232,7 @@ def test_a_keys_work_dir_outlives_a_failed_build_and_goes_with_the_artifact(tmp_
     work.mkdir(parents=True)
     cache.clean_tmp()
     assert not work.exists()
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="invalid cache key"):
         cache.work_dir("../escape")
 
 
@@ -250,7 +251,7 @@ def test_update_manifest(tmp_path: Path) -> None:
     merged = cache.update_manifest(art.key, {"eval": {"wikitext_ppl": 7.5}, "note": "re-run"})
     assert merged["eval"] == {"wikitext_ppl": 7.5} and merged["note"] == "re-run"
 
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"update_manifest may not change \['files'\]"):
         cache.update_manifest(art.key, {"files": {}})
     with pytest.raises(KeyError):
         cache.update_manifest("0" * 64, {"eval": {}})
@@ -283,7 +284,7 @@ def test_list_and_remove(tmp_path: Path) -> None:
 def test_invalid_key_rejected(tmp_path: Path) -> None:
     cache = ArtifactCache(tmp_path)
     for bad in ("../escape", "", "a/b", ".hidden"):
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="invalid cache key"):
             cache.lookup(bad)
 
 
