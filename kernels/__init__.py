@@ -2,10 +2,10 @@
 
 if __name__ != "shrinkserve.kernels":
     # Reached as a top-level `kernels` (the repository root on sys.path): Hugging Face's `kernels`
-    # distribution owns that name (transformers imports it).
-    from shrinkserve.kernels._toplevel import hand_over
+    # distribution owns that name (transformers imports it); see _toplevel.py.
+    import runpy
 
-    hand_over(__name__)
+    runpy.run_path(__file__.removesuffix("__init__.py") + "_toplevel.py")["hand_over"](__name__)
 else:
     from .int4 import Int4Linear
     from .int8 import Int8Linear

@@ -8,15 +8,21 @@ transformers imports it at `transformers.activations`: our folder answered and e
 with `ImportError: cannot import name 'CUDAProperties' from 'kernels'`.
 
 So each of the three `__init__.py` runs its body only under its `shrinkserve.` name. Imported under the
-bare name, it hands the import over to whatever else on the import path has that name, or fails with
-ModuleNotFoundError as if the folder were not there.
+bare name, it hands the import over to whatever else on the import path has that name. Where nothing else
+has it, the module stays empty, as a plain folder on sys.path would be (a PEP 420 namespace portion: no
+`__file__`, nothing under it): transformers' availability check reads exactly that as "not installed"
+(it imports the name when no distribution metadata is found, and did so in vLLM's venv, where raising
+ModuleNotFoundError from here crashed `import vllm`).
+
+The `__init__.py` files run this file with runpy, not through an import: in another venv (vLLM's), the
+`shrinkserve` package is not installed.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import sys
-from importlib.machinery import PathFinder
+from importlib.machinery import ModuleSpec, PathFinder
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,10 +49,12 @@ def hand_over(name: str) -> None:
         if spec is not None:
             break
     if spec is None or spec.loader is None:
-        del sys.modules[name]
-        raise ModuleNotFoundError(
-            f"No module named {name!r} (the folder {ROOT / name} is 'shrinkserve.{name}', not a top-level package)",
-            name=name)
+        ours = sys.modules[name]
+        ours.__spec__ = ModuleSpec(name, None, is_package=True)
+        ours.__spec__.submodule_search_locations = []
+        ours.__path__ = []
+        ours.__file__ = None
+        return
     module = importlib.util.module_from_spec(spec)
     # The import system returns what sys.modules holds once our __init__ has run: the other package.
     sys.modules[name] = module
