@@ -30,8 +30,19 @@ GGUF_TYPES: dict[str, int] = {
     "q5_k_m": 17,
     "q6_k": 18,
     "iq4_nl": 25,
+    "iq4_xs": 30,
+    "iq3_s": 26,
+    "iq3_xxs": 23,
+    "q2_k_s": 21,
+    "iq2_xs": 20,
+    "iq2_xxs": 19,
+    "iq1_s": 24,
     "bf16": 32,
 }
+
+# Types llama.cpp refuses to quantize to without an importance matrix (src/llama-quant.cpp
+# tensor_requires_imatrix: IQ3_XXS, IQ2_XS/XXS, IQ1_S tensors, and Q2_K inside a Q2_K_S file).
+NEEDS_IMATRIX = ("iq3_xxs", "q2_k_s", "iq2_xs", "iq2_xxs", "iq1_s")
 
 
 def quiet_llama_cpp(level: int = logging.ERROR) -> None:

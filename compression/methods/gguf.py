@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import model_validator
 
 from shrinkserve.compression.base_model import tool_version
-from shrinkserve.compression.gguf import GGUF_TYPES, quantize_gguf
+from shrinkserve.compression.gguf import GGUF_TYPES, NEEDS_IMATRIX, quantize_gguf
 from shrinkserve.compression.imatrix import IMATRIX_FORMAT, IMATRIX_NAME, ImatrixOptions
 from shrinkserve.compression.methods.base import (
     ArtifactKind,
@@ -46,6 +46,9 @@ class GgufOptions(MethodOptions):
         if self.imatrix is not None and self.type in NO_IMATRIX:
             raise ValueError(f"an imatrix changes nothing for gguf:{self.type} (use it with q4_0, q4_k_m, q3_k_m, "
                              "q2_k, iq4_nl, ...)")
+        if self.imatrix is None and self.type in NEEDS_IMATRIX:
+            raise ValueError(f"gguf:{self.type} needs an imatrix (llama.cpp refuses to quantize to it without one): "
+                             "add e.g. `imatrix: {source: calibration}`")
         return self
 
 
