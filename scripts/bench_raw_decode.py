@@ -1,7 +1,8 @@
 """Raw batched `llama_decode` on one GGUF file: the ceiling the serving core's batching is measured against.
 
-No server, no sampling, no HTTP: one llama.cpp context with `n_seq_max = N` and per-sequence KV
-(`kv_unified = false`, as the serving core uses), N sequences prefilled with the same prompt, then
+No server, no sampling, no HTTP: one llama.cpp context with `n_seq_max = N` and one unified KV pool of
+N x ctx-per-seq positions (`kv_unified = true`, as the serving core uses; `--per-seq-kv`: a fixed share
+per sequence, `kv_unified = false`, as it used to), N sequences prefilled with the same prompt, then
 `--tokens` steps of ONE `llama_decode` carrying one token per sequence (greedy, argmax in numpy).
 Prints decode tokens/s per batch size and thread count, and whether sequence 0's logits in a batch
 are bit-identical to the same sequence decoded alone (the batch-invariance the determinism policy
@@ -45,7 +46,7 @@ def build_gguf(profile: str, config: Path | None) -> Path:
 class Raw:
     """One model and one multi-sequence context, driven with the bare C API."""
 
-    def __init__(self, path: Path, n_seq: int, ctx_per_seq: int, threads: int) -> None:
+    def __init__(self, path: Path, n_seq: int, ctx_per_seq: int, threads: int, unified: bool = True) -> None:
         import llama_cpp
 
         from shrinkserve.compression.gguf import quiet_llama_cpp
@@ -62,7 +63,7 @@ class Raw:
         params.n_seq_max = n_seq
         params.n_batch = params.n_ubatch = 512
         params.n_threads = params.n_threads_batch = threads
-        params.kv_unified = False
+        params.kv_unified = unified
         params.no_perf = True
         params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
         self.ctx = llama_cpp.llama_init_from_model(self.model, params)
@@ -118,7 +119,8 @@ def run(raw: Raw, seqs: list[int], prompt: list[int], tokens: int) -> tuple[floa
     last = {}
     for s in seqs:
         raw.clear(s)
-        last[s] = raw.decode([(s, prompt)])[0]
+        for start in range(0, len(prompt), 512):  # the llama_batch holds 512 tokens
+            last[s] = raw.decode([(s, prompt[start : start + 512])])[0]
     trace = []
     started = time.perf_counter()
     for _ in range(tokens):
@@ -140,13 +142,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=64, help="decode steps per round (default 64)")
     p.add_argument("--rounds", type=int, default=3, help="rounds per setting; best and median shown (default 3)")
     p.add_argument("--ctx-per-seq", type=int, default=1024)
+    p.add_argument("--per-seq-kv", action="store_true", help="kv_unified=false: a fixed KV share per sequence")
+    p.add_argument("--prompt-tokens", type=int, default=0,
+                   help="repeat the prompt to this many tokens (a fuller pool: attention over more cells)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     batches = sorted(set(args.batch or [1, 8]))
     threads = args.threads or [2]
     path = args.gguf or build_gguf(args.profile, args.config)
-    raw = Raw(path, max(batches), args.ctx_per_seq, threads[0])
+    raw = Raw(path, max(batches), args.ctx_per_seq, threads[0], unified=not args.per_seq_kv)
     prompt = raw.tokenize(PROMPT)
+    if args.prompt_tokens > len(prompt):
+        prompt = (prompt * (args.prompt_tokens // len(prompt) + 1))[: args.prompt_tokens]
     results = []
     solo_trace: list[np.ndarray] | None = None
     invariant = True
@@ -170,12 +177,13 @@ def main(argv: list[str] | None = None) -> int:
     single = {r["threads"]: r["best_tps"] for r in results if r["batch"] == 1}
     for r in results:
         r["vs_single"] = r["best_tps"] / single[r["threads"]] if r["threads"] in single else None
-    out = {"gguf": str(path), "tokens": args.tokens, "rounds": args.rounds, "results": results,
+    out = {"gguf": str(path), "kv": "per-sequence" if args.per_seq_kv else "unified", "tokens": args.tokens,
+           "rounds": args.rounds, "results": results,
            "batch_invariant": invariant if 1 in batches and len(batches) > 1 else None}
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
-    print(f"{path.name}: {args.tokens} decode steps x {args.rounds} rounds, per-sequence KV")
+    print(f"{path.name}: {args.tokens} decode steps x {args.rounds} rounds, {out['kv']} KV")
     print("| threads | sequences | best tok/s | median tok/s | vs 1 sequence |")
     print("|---|---|---|---|---|")
     for r in results:

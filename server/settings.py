@@ -105,9 +105,10 @@ class ServingSettings(BaseModel):
     # step; serial: one sequence at a time (every step alone, deterministic, no batching gain).
     scheduler: Scheduler = "batching"
     max_num_seqs: int = Field(default=8, ge=1, le=256, description="sequences a profile runs at once (KV slots)")
-    # KV positions of a profile, shared by its sequences. None: llama.cpp gets one context's worth
-    # (context_length, split evenly across the slots and allocated up front); PyTorch caches grow
-    # with use, capped at max_num_seqs x context_length.
+    # KV positions of a profile: one pool its sequences share, any one of which may grow to the model's
+    # context while the pool has room (a sequence is preempted and recomputed later when it runs out).
+    # None: the model's context (llama.cpp allocates it at load; PyTorch caches grow with use up to it).
+    # Finished sequences' KV stays in the pool for prompts sharing its prefix until the room is needed.
     kv_cache_tokens: int | None = Field(default=None, ge=16)
     max_queue: int = Field(default=32, ge=0, le=10_000, description="requests waiting for room before 429")
     profiles: dict[str, ServingPolicy] = Field(default_factory=dict)

@@ -39,11 +39,16 @@ def ids_of(text: str) -> list[int]:
 
 
 class FakeBatch(BatchModel):
-    def __init__(self, engine: FakeEngine, max_seqs: int, slot_capacity: int) -> None:
+    """Shares cells like llama.cpp's unified KV (`shares_cells`), unless the engine says otherwise."""
+
+    def __init__(self, engine: FakeEngine, max_seqs: int, slot_capacity: int, pool_tokens: int) -> None:
         super().__init__(max_seqs)
         self.engine = engine
         self.slot_capacity = slot_capacity
+        self.pool_tokens = pool_tokens
+        self.shares_cells = engine.shares_cells
         self.max_chunk = engine.max_batch
+        self.shared: list[tuple[int, int, int]] = []  # (src id, dst id, positions) of every share
         self.forwards: list[list[tuple[int, int]]] = []  # per step: (slot id, tokens) of each work item
         self.released: list[int] = []
         self.blocked = threading.Event()  # a step is waiting on engine.gate
@@ -52,6 +57,9 @@ class FakeBatch(BatchModel):
     def _drop_from(self, slot: Slot, n: int) -> None:
         if n == 0:
             self.released.append(slot.id)
+
+    def _share(self, src: Slot, dst: Slot, n: int) -> None:
+        self.shared.append((src.id, dst.id, n))
 
     def row(self, history: Sequence[int], batched: bool) -> np.ndarray:
         key = hashlib.sha256(np.asarray([*history[-4:], len(history)], dtype=np.int64).tobytes()).digest()
@@ -95,8 +103,11 @@ class FakeBatch(BatchModel):
 class FakeEngine(Engine):
     name = "fake"
 
-    def __init__(self, *, invariant: bool = True, context_length: int = 256, max_batch: int = 8) -> None:
+    def __init__(self, *, invariant: bool = True, context_length: int = 256, max_batch: int = 8,
+                 shares_cells: bool = True, lanes: bool = False) -> None:
         self.invariant = invariant
+        self.shares_cells = shares_cells
+        self.lanes = lanes  # new_lane gives a one-slot batch model of its own (as llama.cpp's engine does)
         self.context_length = context_length
         self.vocab_size = VOCAB
         self.max_batch = max_batch
@@ -109,6 +120,7 @@ class FakeEngine(Engine):
         self.gate: threading.Event | None = None  # when set to an unset Event, every step blocks on it
         self.step_delay = 0.0
         self.batches: list[FakeBatch] = []
+        self.lane_batches: list[FakeBatch] = []
         self.closed = False
 
     def script(self, prompt: list[int], continuation: list[int]) -> None:
@@ -128,10 +140,18 @@ class FakeEngine(Engine):
     def token_bytes(self, token_id: int) -> bytes:
         return PIECES[token_id]
 
-    def new_batch(self, max_seqs: int, slot_capacity: int) -> FakeBatch:
-        batch = FakeBatch(self, max_seqs, min(slot_capacity, self.context_length))
+    def new_batch(self, max_seqs: int, slot_capacity: int, pool_tokens: int | None = None) -> FakeBatch:
+        capacity = min(slot_capacity, self.context_length)
+        batch = FakeBatch(self, max_seqs, capacity, pool_tokens or capacity)
         self.batches.append(batch)
         return batch
+
+    def new_lane(self, tokens: int) -> FakeBatch | None:
+        if not self.lanes:
+            return None
+        lane = FakeBatch(self, 1, min(tokens, self.context_length), min(tokens, self.context_length))
+        self.lane_batches.append(lane)
+        return lane
 
     def close(self) -> None:
         self.closed = True

@@ -147,7 +147,7 @@ def test_stop_text_unit() -> None:
 
 
 def make_core(engine: FakeEngine, **kw: object) -> BatchingCore:
-    args: dict = {"max_seqs": 4, "slot_capacity": 64, "max_queue": 8}
+    args: dict = {"max_seqs": 4, "slot_capacity": 64, "kv_tokens": 256, "max_queue": 8}
     args.update(kw)
     return BatchingCore("fake", engine, **args)
 
@@ -237,8 +237,8 @@ def test_non_invariant_profile_gives_seeded_requests_their_own_forward() -> None
 
 def test_probe_detects_batch_dependence() -> None:
     tokens = ids_of("a probe prompt")
-    assert probe_batch_invariance(FakeEngine().new_batch(4, 64), tokens)
-    model = FakeEngine(invariant=False).new_batch(4, 64)
+    assert probe_batch_invariance(FakeEngine().new_batch(4, 64, 256), tokens)
+    model = FakeEngine(invariant=False).new_batch(4, 64, 256)
     assert not probe_batch_invariance(model, tokens)
     assert model.free_slots == 4
 
@@ -311,21 +311,19 @@ def test_request_longer_than_a_slot_never_fits(engine: FakeEngine) -> None:
         core.close()
 
 
-def test_kv_budget_queues_what_does_not_fit(engine: FakeEngine) -> None:
-    core = make_core(engine, max_seqs=4, slot_capacity=64, kv_tokens=100)
+def test_admission_counts_sequences_and_the_pool_decides_who_runs(engine: FakeEngine) -> None:
+    core = make_core(engine, max_seqs=4, slot_capacity=80, kv_tokens=100)
+    reqs = [GenerationRequest(ids_of(f"prompt {i} " * 5), greedy(max_tokens=30, ignore_eos=True)) for i in range(2)]
 
-    async def go() -> None:
-        a = await core.admit(1, max_total_tokens=60)
-        pending = asyncio.ensure_future(core.admit(1, max_total_tokens=60))
-        await asyncio.sleep(0.01)
-        assert not pending.done()  # 120 > 100 KV tokens
-        a.release()
-        (await asyncio.wait_for(pending, 1)).release()
+    async def go() -> list[list[Step]]:
+        # 2 x (45 + 30) positions > 100: both are admitted at once, the pool makes room as they run
+        return await asyncio.gather(*(run_one(core, r) for r in reqs))
 
     try:
-        asyncio.run(go())
+        results = asyncio.run(go())
     finally:
         core.close()
+    assert all(r[-1].finish_reason == "length" and sum(s.n_tokens for s in r) == 30 for r in results)
 
 
 def test_drain_finishes_then_aborts_and_refuses_new_work(engine: FakeEngine) -> None:
@@ -440,7 +438,8 @@ def test_a_failing_request_fails_alone(engine: FakeEngine) -> None:
         failed, ok = asyncio.run(go())
         assert isinstance(failed, ValueError)
         assert isinstance(ok, list) and ok[-1].finish_reason == "length" and sum(s.n_tokens for s in ok) == 10
-        assert core.stats().running == 0 and core.model.free_slots == core.model.max_seqs
+        # the failed sequence's slot is freed; the finished one's KV stays as an idle prefix entry
+        assert core.stats().running == 0 and core.model.free_slots == core.model.max_seqs - 1
     finally:
         core.close()
 

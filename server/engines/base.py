@@ -13,11 +13,12 @@ evaluation and tools drive). Sampling, stop handling, logprobs and cancellation 
 from __future__ import annotations
 
 import heapq
+import itertools
 import os
 import threading
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from collections.abc import Sequence as Seq
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -50,12 +51,42 @@ class Tokenizer(ABC):
         return self.token_bytes(token_id).decode("utf-8", errors="replace")
 
 
+_origins = itertools.count(1)
+
+
 @dataclass(eq=False)
 class Slot:
-    """One sequence's KV within a batch model: `id` is its llama.cpp seq_id / cache index."""
+    """One sequence's KV within a batch model: `id` is its llama.cpp seq_id / cache index.
+
+    Where a model shares KV cells between slots (llama.cpp's unified KV: `share` adds a sequence id to
+    existing cells, nothing is copied), positions [0, base) are cells the slot took from others, recorded
+    as `segs` (end, origin) runs; its own cells from `base` on carry `origin`. Two slots holding the same
+    origin at a position hold the same cell, which is how `BatchModel.used_tokens` counts each cell once.
+    """
 
     id: int
     tokens: list[int] = field(default_factory=list)
+    segs: list[tuple[int, int]] = field(default_factory=list)  # (end position, origin) of borrowed runs
+    base: int = 0
+    origin: int = field(default_factory=lambda: next(_origins))
+
+    def runs(self) -> list[tuple[int, int, int]]:
+        """(start, end, origin) of every run of cells the slot holds, in position order."""
+        out, start = [], 0
+        for end, origin in self.segs:
+            out.append((start, end, origin))
+            start = end
+        if len(self.tokens) > self.base:
+            out.append((self.base, len(self.tokens), self.origin))
+        return out
+
+    def cut(self, n: int) -> None:
+        """Keep the first `n` positions' bookkeeping; later positions get fresh cells (a new origin)."""
+        runs = [(s, min(e, n), o) for s, e, o in self.runs() if s < n]
+        self.segs = [(e, o) for _, e, o in runs]
+        self.base = n
+        self.origin = next(_origins)
+        del self.tokens[n:]
 
 
 @dataclass
@@ -70,25 +101,45 @@ class Work:
 class BatchModel(ABC):
     """KV slots over shared weights, driven by one thread (a core's scheduler, or a single sequence).
 
-    A slot's KV is freed or truncated only between steps, by the thread that runs the steps: that
-    is what guarantees a KV cache is never reused while a forward still touches it.
+    All slots draw on one pool of `pool_tokens` KV positions; any one slot may grow to `slot_capacity`
+    (the model's context) while the pool has room. A slot's KV is freed or truncated only between steps,
+    by the thread that runs the steps: that is what guarantees a KV cache is never reused while a forward
+    still touches it.
     """
 
-    max_seqs: int  # slots
+    max_seqs: int  # slot ids: running sequences and idle prefix entries together
     slot_capacity: int  # most tokens one slot holds
+    pool_tokens: int  # KV positions all slots share
     max_chunk: int  # most tokens of one slot in one step (prefill chunk size)
+    shares_cells: bool = False  # `share` costs no memory (llama.cpp's unified KV); else it copies
 
     def __init__(self, max_seqs: int) -> None:
         self.max_seqs = max_seqs
-        self._free = list(range(max_seqs))  # a heap: the lowest id is reused first (see llamacpp.py)
+        self._free = list(range(max_seqs))  # a heap: the lowest id is reused first
         self._slots: dict[int, Slot] = {}
 
     @property
     def kv_total_tokens(self) -> int:
-        return self.max_seqs * self.slot_capacity
+        return self.pool_tokens
 
     def kv_used_tokens(self) -> int:
-        return sum(len(s.tokens) for s in self._slots.values())
+        return self.used_tokens()
+
+    def used_tokens(self, slots: Iterable[Slot] | None = None) -> int:
+        """KV positions the slots (default: all) hold, a shared cell counted once."""
+        chosen = list(self._slots.values() if slots is None else slots)
+        if not self.shares_cells:
+            return sum(len(s.tokens) for s in chosen)
+        spans: dict[int, tuple[int, int]] = {}
+        for slot in chosen:
+            for start, end, origin in slot.runs():
+                old = spans.get(origin)
+                spans[origin] = (start, end) if old is None else (old[0], max(old[1], end))
+        return sum(end - start for start, end in spans.values())
+
+    @property
+    def free_tokens(self) -> int:
+        return self.pool_tokens - self.used_tokens()
 
     @property
     def free_slots(self) -> int:
@@ -103,6 +154,7 @@ class BatchModel(ABC):
 
     def release(self, slot: Slot) -> None:
         self.truncate(slot, 0)
+        slot.cut(0)
         del self._slots[slot.id]
         heapq.heappush(self._free, slot.id)
 
@@ -110,7 +162,23 @@ class BatchModel(ABC):
         """Keep only the first `n` cached tokens of the slot."""
         if n < len(slot.tokens):
             self._drop_from(slot, n)
-            del slot.tokens[n:]
+            slot.cut(n)
+
+    def share(self, src: Slot, dst: Slot, n: int) -> None:
+        """Give the empty slot `dst` the KV of `src`'s first `n` positions (shared cells, or a copy)."""
+        if dst.tokens or not 0 < n <= len(src.tokens):
+            raise ValueError(f"cannot share {n} positions of slot {src.id} into slot {dst.id}")
+        self._share(src, dst, n)
+        if self.shares_cells:
+            dst.segs = [(e, o) for s, e, o in ((s, min(e, n), o) for s, e, o in src.runs() if s < n)]
+            dst.base = n
+        dst.tokens = list(src.tokens[:n])
+        if not self.shares_cells:
+            dst.cut(n)  # copied cells are the slot's own
+
+    @abstractmethod
+    def _share(self, src: Slot, dst: Slot, n: int) -> None:
+        """Make positions 0..n-1 of `dst`'s KV those of `src` (dst is empty)."""
 
     @abstractmethod
     def _drop_from(self, slot: Slot, n: int) -> None:
@@ -123,6 +191,8 @@ class BatchModel(ABC):
                 raise ValueError(f"a step takes 1..{self.max_chunk} tokens per slot, got {n}")
             if len(w.slot.tokens) + n > self.slot_capacity:
                 raise ValueError(f"slot {w.slot.id} would exceed its {self.slot_capacity} tokens")
+        if sum(len(w.ids) for w in work) > self.free_tokens:
+            raise KvFull(f"the step needs {sum(len(w.ids) for w in work)} KV positions, {self.free_tokens} free")
         if len({w.slot.id for w in work}) != len(work):
             raise ValueError("a slot appears twice in one step")
 
@@ -133,6 +203,10 @@ class BatchModel(ABC):
 
     def close(self) -> None:  # noqa: B027 - most models free their caches with the garbage collector
         """Free native memory now; unusable afterwards."""
+
+
+class KvFull(RuntimeError):
+    """A step needs more KV positions than the pool has free (the core frees room and runs it again)."""
 
 
 class Sequence:
@@ -165,14 +239,22 @@ class Engine(Tokenizer):
     """Loaded weights + tokenizer; hands out batch models and single sequences."""
 
     max_batch: int  # most tokens one forward of one sequence takes (prefill chunk size)
+    max_slots: int = 4096  # most slot ids one batch model takes
 
     @abstractmethod
-    def new_batch(self, max_seqs: int, slot_capacity: int) -> BatchModel:
-        """`max_seqs` KV slots of `slot_capacity` tokens each, for one scheduler thread."""
+    def new_batch(self, max_seqs: int, slot_capacity: int, pool_tokens: int | None = None) -> BatchModel:
+        """`max_seqs` KV slots of up to `slot_capacity` tokens each, sharing `pool_tokens` KV positions
+        (None: one slot's worth), for one scheduler thread."""
 
     def new_sequence(self) -> Sequence:
         """A fresh single sequence of the full context length (its own KV; safe beside a serving core)."""
         return Sequence(self.new_batch(1, self.context_length))
+
+    def new_lane(self, tokens: int) -> BatchModel | None:
+        """A one-slot batch model of its own, sized to `tokens`, for a sequence whose logits must not depend
+        on what else the pool holds; None where a pooled sequence's rows never depend on that (its KV is
+        laid out per sequence, as the PyTorch engine's is)."""
+        return None
 
     @abstractmethod
     def close(self) -> None:

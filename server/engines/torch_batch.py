@@ -57,6 +57,24 @@ class SeqKV:
     def truncate(self, n: int) -> None:
         self.length = min(self.length, n)
 
+    def prefix_copy(self, n: int) -> SeqKV:
+        """A new SeqKV holding copies of positions 0..n-1 (room for the doubling to go on)."""
+        out = SeqKV()
+        cap = max(16, 1 << max(0, n - 1).bit_length())
+        for kb, vb in zip(self.k, self.v, strict=True):
+            if kb is None or vb is None:
+                out.k.append(None)
+                out.v.append(None)
+                continue
+            nk = kb.new_empty((kb.shape[0], cap, kb.shape[2]))
+            nv = vb.new_empty((vb.shape[0], cap, vb.shape[2]))
+            nk[:, :n] = kb[:, :n]
+            nv[:, :n] = vb[:, :n]
+            out.k.append(nk)
+            out.v.append(nv)
+        out.length = n
+        return out
+
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.k, *self.v) if t is not None)

@@ -27,10 +27,11 @@ class TorchBatch(BatchModel):
     fall back to one forward per slot with its own DynamicCache (`engine.packed` is False).
     """
 
-    def __init__(self, engine: TorchEngine, max_seqs: int, slot_capacity: int) -> None:
+    def __init__(self, engine: TorchEngine, max_seqs: int, slot_capacity: int, pool_tokens: int) -> None:
         super().__init__(max_seqs)
         self._engine = engine
         self.slot_capacity = slot_capacity
+        self.pool_tokens = pool_tokens
         self.max_chunk = engine.max_batch
         self._kv: dict[int, object] = {}  # slot id → SeqKV (packed) or DynamicCache (fallback)
         self._tuner = ThreadTuner(engine.thread_candidates)
@@ -48,6 +49,19 @@ class TorchBatch(BatchModel):
             self._cache(slot).truncate(n)  # type: ignore[attr-defined]
         else:
             self._cache(slot).crop(n - len(slot.tokens))  # type: ignore[attr-defined]  # negative: drop the tail
+
+    def _share(self, src: Slot, dst: Slot, n: int) -> None:
+        # A copy: sequences write their own tail in place, so buffers cannot be shared.
+        kv = self._cache(src)
+        if isinstance(kv, SeqKV):
+            self._kv[dst.id] = kv.prefix_copy(n)
+        else:
+            import copy
+
+            clone = copy.deepcopy(kv)
+            if n < len(src.tokens):
+                clone.crop(n - len(src.tokens))  # type: ignore[attr-defined]  # negative: drop the tail
+            self._kv[dst.id] = clone
 
     def kv_bytes(self) -> int:
         return sum(kv.nbytes for kv in self._kv.values() if isinstance(kv, SeqKV))
@@ -182,8 +196,9 @@ class TorchEngine(Engine):
     def token_bytes(self, token_id: int) -> bytes:
         return self._pieces[token_id]
 
-    def new_batch(self, max_seqs: int, slot_capacity: int) -> TorchBatch:
-        return TorchBatch(self, max_seqs, min(slot_capacity, self.context_length))
+    def new_batch(self, max_seqs: int, slot_capacity: int, pool_tokens: int | None = None) -> TorchBatch:
+        capacity = min(slot_capacity, self.context_length)
+        return TorchBatch(self, max_seqs, capacity, pool_tokens or capacity)
 
     def close(self) -> None:
         self.model = None  # type: ignore[assignment]

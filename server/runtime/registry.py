@@ -98,26 +98,17 @@ def vllm_options(rt: ProfileRuntime, settings: Settings) -> VllmOptions:
 
 
 def make_core(rt: ProfileRuntime, engine: Engine, metrics: Metrics, capture: CaptureQueue) -> BatchingCore:
-    """The profile's core, sized by its serving policy.
-
-    llama.cpp allocates KV up front, so its budget (default: one context) is split evenly across the
-    slots; PyTorch caches grow with use, so each slot may take the whole context and the budget
-    (default: slots x context) only caps what admitted requests may reserve.
+    """The profile's core, sized by its serving policy: `max_num_seqs` sequences at once over one KV pool
+    of `kv_cache_tokens` positions (default: the model's context), any one of which may grow to the
+    model's whole context while the pool has room.
     """
     s = rt.serving
     seqs = 1 if s.scheduler == "serial" else s.max_num_seqs
     ctx = engine.context_length
-    if engine.name == "llamacpp":
-        budget = s.kv_cache_tokens or ctx
-        capacity = min(ctx, max(16, budget // seqs))
-        kv_tokens = None
-    else:
-        capacity = ctx
-        kv_tokens = s.kv_cache_tokens or seqs * ctx
     observer = capture.observer(rt.name, engine, rt.built)
     return BatchingCore(
-        rt.name, engine, max_seqs=seqs, slot_capacity=capacity, kv_tokens=kv_tokens, max_queue=s.max_queue,
-        observers=[observer] if observer else [],
+        rt.name, engine, max_seqs=seqs, slot_capacity=ctx, kv_tokens=s.kv_cache_tokens or ctx,
+        max_queue=s.max_queue, observers=[observer] if observer else [],
         on_queue_time=metrics.queue_time.labels(rt.name).observe,
     )
 

@@ -88,6 +88,7 @@ class Step:
     finish_reason: str | None = None  # "stop" | "length" | "abort" on the last step
     prompt_logprobs: list[TokenInfo] | None = None  # only on the first step, when asked for
     n_tokens: int = 0  # tokens this step generated, counted in usage (the EOS too, which is not listed)
+    cached_tokens: int = 0  # on a generation's first step: prompt tokens whose KV came from the prefix cache
 
 
 @dataclass
@@ -114,6 +115,9 @@ class CoreStats:
     kv_total_tokens: int
     max_seqs: int
     batch_invariant: bool | None = None  # None: not probed (or no batching)
+    prefix_queries: int = 0  # prompt tokens looked up in the prefix cache, since load
+    prefix_hits: int = 0  # of those, tokens whose KV was reused
+    preemptions: int = 0  # sequences whose KV was dropped for room (recomputed later), since load
 
     @property
     def kv_usage(self) -> float:
