@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
@@ -101,29 +101,38 @@ class Metrics:
 
 
 class CoreGauges(Collector):
-    """`shrinkserve_num_requests_running|waiting` and `shrinkserve_kv_cache_usage_perc`, from the cores'
-    own `stats()` at scrape time (vLLM's names); a profile without a loaded core reports zeros."""
+    """`shrinkserve_num_requests_running|waiting`, `shrinkserve_kv_cache_usage_perc`, the prefix cache's
+    `shrinkserve_prefix_cache_queries_total|hits_total` (tokens) and `shrinkserve_num_preemptions_total`, from
+    the cores' own `stats()` at scrape time (vLLM's names); a profile without a loaded core reports zeros."""
 
     def __init__(self) -> None:
         self.profiles: list[str] = []
         self.source: Callable[[], Mapping[str, CoreStats | None]] = dict
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         stats = self.source()
         running = GaugeMetricFamily("shrinkserve_num_requests_running", "Generations running now.",
                                     labels=["profile"])
-        waiting = GaugeMetricFamily("shrinkserve_num_requests_waiting", "Requests queued for room in the profile.",
-                                    labels=["profile"])
+        waiting = GaugeMetricFamily("shrinkserve_num_requests_waiting",
+                                    "Requests queued for room in the profile (admission or KV).", labels=["profile"])
         kv = GaugeMetricFamily("shrinkserve_kv_cache_usage_perc",
-                               "Fraction of the profile's KV token budget in use (0..1).", labels=["profile"])
+                               "Fraction of the profile's KV pool held by running sequences (0..1).",
+                               labels=["profile"])
+        queries = CounterMetricFamily("shrinkserve_prefix_cache_queries",
+                                      "Prompt tokens looked up in the prefix cache.", labels=["profile"])
+        hits = CounterMetricFamily("shrinkserve_prefix_cache_hits",
+                                   "Prompt tokens whose KV came from the prefix cache.", labels=["profile"])
+        preempted = CounterMetricFamily("shrinkserve_num_preemptions",
+                                        "Sequences preempted for KV room (recomputed later).", labels=["profile"])
         for name in self.profiles:
             s = stats.get(name)
             running.add_metric([name], s.running if s else 0)
             waiting.add_metric([name], s.waiting if s else 0)
             kv.add_metric([name], s.kv_usage if s else 0.0)
-        yield running
-        yield waiting
-        yield kv
+            queries.add_metric([name], s.prefix_queries if s else 0)
+            hits.add_metric([name], s.prefix_hits if s else 0)
+            preempted.add_metric([name], s.preemptions if s else 0)
+        yield from (running, waiting, kv, queries, hits, preempted)
 
     def describe(self) -> Iterator[GaugeMetricFamily]:
         return iter(())

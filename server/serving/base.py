@@ -157,8 +157,9 @@ def client_errors(fn: Callable[[], T]) -> T:
         raise bad_request(str(exc), param=exc.param) from None
 
 
-def usage(prompt: int, completion: int) -> P.Usage:
-    return P.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+def usage(prompt: int, completion: int, cached: int = 0) -> P.Usage:
+    return P.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                   prompt_tokens_details=P.PromptTokensDetails(cached_tokens=cached))
 
 
 # ---------------------------------------------------------------- admission and generation
@@ -207,6 +208,7 @@ class Run:
         self.ticket = ticket
         self.metrics = metrics
         self.completion_tokens = 0
+        self.cached_tokens = 0  # prompt tokens served from the prefix cache (each prompt's first choice)
         self._loop = asyncio.get_running_loop()
 
     @property
@@ -220,10 +222,13 @@ class Run:
                 for i, req in enumerate(self.prepared.requests):
                     async for step in self._observed(req):
                         self.completion_tokens += step.n_tokens
+                        self.cached_tokens += step.cached_tokens
                         yield i, step
             else:
                 async for i, step in self._merged():
                     self.completion_tokens += step.n_tokens
+                    if i % self.prepared.n == 0:  # usage counts each prompt once
+                        self.cached_tokens += step.cached_tokens
                     yield i, step
         finally:
             self.close()

@@ -125,7 +125,7 @@ def response(req: P.ChatCompletionRequest, plan: ChatPlan, run: Run, outcomes: l
         out_choices.append(P.ChatChoice(index=i, message=message, finish_reason=finish,
                                         logprobs=chat_logprobs(out.tokens) if req.logprobs else None))
     return P.ChatCompletionResponse(model=run.name, choices=out_choices,
-                                    usage=usage(run.prepared.prompt_tokens, run.completion_tokens))
+                                    usage=usage(run.prepared.prompt_tokens, run.completion_tokens, run.cached_tokens))
 
 
 def _delta_calls(deltas: list[T.ToolCallDelta]) -> list[P.ToolCallDelta]:
@@ -175,7 +175,7 @@ async def chunks(req: P.ChatCompletionRequest, plan: ChatPlan, run: Run) -> Asyn
         yield chunk(i, P.DeltaMessage(content=step.text or None) if step.text else P.DeltaMessage(),
                     step.finish_reason, lp)
     if req.include_usage:
-        u = usage(run.prepared.prompt_tokens, run.completion_tokens)
+        u = usage(run.prepared.prompt_tokens, run.completion_tokens, run.cached_tokens)
         yield sse_data(P.ChatCompletionChunk(id=rid, created=created, model=run.name, choices=[], usage=u))
 
 

@@ -56,7 +56,7 @@ def response(req: P.CompletionRequest, run: Run, outcomes: list[Outcome]) -> P.C
             logprobs = completion_logprobs(toks)
         choices.append(P.CompletionChoice(index=i, text=text, logprobs=logprobs, finish_reason=out.finish_reason))
     return P.CompletionResponse(model=run.name, choices=choices,
-                                usage=usage(run.prepared.prompt_tokens, run.completion_tokens))
+                                usage=usage(run.prepared.prompt_tokens, run.completion_tokens, run.cached_tokens))
 
 
 async def chunks(req: P.CompletionRequest, run: Run) -> AsyncIterator[str]:
@@ -82,7 +82,7 @@ async def chunks(req: P.CompletionRequest, run: Run) -> AsyncIterator[str]:
         choice = P.CompletionChoice(index=i, text=text, logprobs=lp, finish_reason=step.finish_reason)
         yield sse_data(P.CompletionChunk(id=rid, created=created, model=run.name, choices=[choice]))
     if req.include_usage:
-        u = usage(run.prepared.prompt_tokens, run.completion_tokens)
+        u = usage(run.prepared.prompt_tokens, run.completion_tokens, run.cached_tokens)
         yield sse_data(P.CompletionChunk(id=rid, created=created, model=run.name, choices=[], usage=u))
 
 

@@ -135,7 +135,8 @@ class Shell:
 
 def _usage(run: Run) -> P.ResponseUsage:
     prompt, completion = run.prepared.prompt_tokens, run.completion_tokens
-    return P.ResponseUsage(input_tokens=prompt, output_tokens=completion, total_tokens=prompt + completion)
+    return P.ResponseUsage(input_tokens=prompt, output_tokens=completion, total_tokens=prompt + completion,
+                           input_tokens_details=P.InputTokensDetails(cached_tokens=run.cached_tokens))
 
 
 def response(req: P.ResponsesRequest, plan: ChatPlan, run: Run, outcomes: list[Outcome]) -> P.ResponseObject:
