@@ -135,6 +135,8 @@ KEY_CASES: dict[str, tuple[dict[str, Any], dict[str, list[Any]]]] = {
     "gptq": ({"method": "gptq"}, {"group_size": [128], "symmetric": [True], "lm_head_bits": [4],
                                   "calibration": [{"samples": 8}]}),
     "gguf": ({"method": "gguf:q8_0"}, {"type": ["q4_k_m", "q4_0", "f16"]}),
+    "gguf-imatrix": ({"method": "gguf:q4_k_m", "imatrix": {}}, {"imatrix": [
+        None, {"max_tokens": 1024}, {"seq_len": 256}, {"source": "file", "path": __file__}]}),
     "gguf:file": ({"method": "gguf:file", "path": __file__}, {"path": []}),
     # device and checkpoint_every change how a student trains, not what: not in the key (tests/test_distill.py);
     # teacher_profile needs a second profile (tests/test_distill_method.py).
