@@ -104,7 +104,7 @@ class ServingSettings(BaseModel):
     # batching: one scheduler thread per profile runs ONE forward over all its running sequences per
     # step; serial: one sequence at a time (every step alone, deterministic, no batching gain).
     scheduler: Scheduler = "batching"
-    max_num_seqs: int = Field(default=8, ge=1, le=256, description="sequences a profile runs at once (KV slots)")
+    max_num_seqs: int = Field(default=8, ge=1, le=256, description="sequences a profile runs at once")
     # KV positions of a profile: one pool its sequences share, any one of which may grow to the model's
     # context while the pool has room (a sequence is preempted and recomputed later when it runs out).
     # None: the model's context (llama.cpp allocates it at load; PyTorch caches grow with use up to it).
