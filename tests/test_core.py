@@ -436,7 +436,7 @@ def test_a_failing_request_fails_alone(engine: FakeEngine) -> None:
 
     try:
         failed, ok = asyncio.run(go())
-        assert isinstance(failed, ValueError)
+        assert isinstance(failed, ValueError) and str(failed) == "processor bug"
         assert isinstance(ok, list) and ok[-1].finish_reason == "length" and sum(s.n_tokens for s in ok) == 10
         # the failed sequence's slot is freed; the finished one's KV stays as an idle prefix entry
         assert core.stats().running == 0 and core.model.free_slots == core.model.max_seqs - 1
@@ -487,7 +487,8 @@ def test_unseeded_prompts_join_the_decode_forward_seeded_ones_prefill_alone(engi
     n_unseeded, n_seeded = len(late_unseeded.prompt_ids), len(late_seeded.prompt_ids)  # 8 and 4 tokens: one chunk
     mixed = [f for f in core.model.forwards[n0:] if any(n == n_unseeded for _, n in f) and any(n == 1 for _, n in f)]
     assert mixed, str(core.model.forwards)  # the unseeded prompt rode with decode rows
-    assert all(len(f) == 1 for f in core.model.forwards[n0:] if any(n == n_seeded for _, n in f))  # the seeded alone
+    seeded = [f for f in core.model.forwards[n0:] if any(n == n_seeded for _, n in f)]
+    assert seeded and all(len(f) == 1 for f in seeded), str(core.model.forwards)  # the seeded prompt alone
 
 
 def test_a_shared_forward_carries_at_most_one_chunk_of_prompt_tokens(engine: FakeEngine) -> None:
