@@ -13,6 +13,7 @@ from shrinkserve.server.runtime.batching import BatchingCore
 from shrinkserve.server.runtime.prefix import best_match, common_prefix, probe_prefix_reuse, reusable
 from shrinkserve.server.runtime.types import GenerationRequest, NeverFits, SamplingParams, Step
 from tests.fake_engine import FakeEngine, ids_of
+from tests.test_core import run_one, text
 
 
 def greedy(max_tokens: int, **kw: object) -> SamplingParams:
@@ -23,18 +24,6 @@ def make_core(engine: FakeEngine, **kw: object) -> BatchingCore:
     args: dict = {"max_seqs": 4, "slot_capacity": 128, "max_queue": 16}
     args.update(kw)
     return BatchingCore("fake", engine, **args)
-
-
-async def run_one(core: BatchingCore, req: GenerationRequest) -> list[Step]:
-    ticket = await core.admit(1, max_total_tokens=req.max_total_tokens)
-    try:
-        return [s async for s in core.generate(ticket, req)]
-    finally:
-        ticket.release()
-
-
-def text(steps: list[Step]) -> str:
-    return "".join(s.text for s in steps)
 
 
 def cached(steps: list[Step]) -> int:
