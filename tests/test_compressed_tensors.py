@@ -309,5 +309,6 @@ def test_artifact_serves_in_vllm_close_to_our_engine(variant: str, tmp_path: Pat
         assert r.status_code == 200, r.text
         positions = r.json()["choices"][0]["prompt_logprobs"][1:]
     vllm_top1 = [next(int(k) for k, v in d.items() if v["rank"] == 1) for d in positions]
+    assert len(vllm_top1) == len(ids) - 1  # every position scored, not a prefix of them
     agreement = float(np.mean(np.array(vllm_top1) == ours_top1[: len(vllm_top1)]))
     assert agreement >= 0.9, agreement
