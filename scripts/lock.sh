@@ -26,7 +26,8 @@ cpu=(--find-links /opt/wheels)
   -o requirements/vllm.lock.txt
 # The images take the project without its test tools, every version as main.lock.txt has it (the
 # versions the suite ran with); the GPU image with PyPI's CUDA build of the same torch release.
-tested=$(mktemp); trap 'rm -f "$tested"' EXIT
+# (a fixed name: the lock's annotations mention it, and a temporary name would change them every run)
+tested=requirements/main-tested.txt; trap 'rm -f "$tested"' EXIT
 grep -v -e '^torch==' requirements/main.lock.txt | sed '/^ *--hash/d; /^ *#/d; s/ *\\$//' > "$tested"
 "$UV" pip compile "${common[@]}" "${cpu[@]}" pyproject.toml requirements/main.in \
   --override requirements/overrides.txt -c requirements/main.lock.txt -o requirements/docker-cpu.lock.txt
