@@ -1,4 +1,4 @@
-"""Tools in chat (server/serving/tools.py): validation, prompt rendering, grammars, parsing and streaming."""
+"""Tools in chat (server/serving/tools/): validation, prompt rendering, grammars, parsing and streaming."""
 
 from __future__ import annotations
 
@@ -14,23 +14,11 @@ import pytest
 from shrinkserve.compression.base_model import embedded_gguf_path
 from shrinkserve.server.engines.llamacpp import LlamaCppEngine
 from shrinkserve.server.runtime.grammar import GrammarError, GrammarTokenizer, grammar_tokenizer, lark_grammar
-from shrinkserve.server.serving.tools import (
-    HERMES,
-    SMOLLM2,
-    ContentDelta,
-    ToolCallDelta,
-    ToolCallParser,
-    ToolChoice,
-    ToolsError,
-    detect_tool_format,
-    format_calls,
-    parse_tool_calls,
-    parse_tool_choice,
-    parse_tools,
-    render_chat,
-    template_supports_tools,
-    tool_grammar,
-)
+from shrinkserve.server.serving.tools.formats import HERMES, SMOLLM2, detect_tool_format, template_supports_tools
+from shrinkserve.server.serving.tools.grammar import tool_grammar
+from shrinkserve.server.serving.tools.render import format_calls, render_chat
+from shrinkserve.server.serving.tools.stream import ContentDelta, ToolCallDelta, ToolCallParser, parse_tool_calls
+from shrinkserve.server.serving.tools.validate import ToolChoice, ToolsError, parse_tool_choice, parse_tools
 
 WEATHER = {
     "type": "function",

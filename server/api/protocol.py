@@ -352,7 +352,7 @@ class _Message(Strict):
         return self.content or ""
 
     def as_openai(self) -> dict[str, Any]:
-        """The message as a plain OpenAI dict (what serving/tools.py renders)."""
+        """The message as a plain OpenAI dict (what serving/tools/ renders)."""
         return self.model_dump(exclude_none=True, include={"role", "content", "name", "tool_calls", "tool_call_id"})
 
     @property

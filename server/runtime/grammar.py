@@ -4,7 +4,7 @@ Three layers, each usable alone:
 
 - grammar *text* (pure functions, no tokenizer): ``response_format_grammar``, ``json_schema_grammar``,
   ``lark_grammar``. They turn an OpenAI ``response_format`` (or a tool-call grammar from
-  ``serving/tools.py``) into llguidance's serialized grammar, checking size and nesting first.
+  ``serving/tools/``) into llguidance's serialized grammar, checking size and nesting first.
 - ``GrammarTokenizer``: llguidance's view of one model's vocabulary. Building it walks the whole vocabulary
   (~0.5 s for 49,152 tokens on this box), so it is made once per engine (``grammar_tokenizer(engine)``)
   and caches compiled grammars (``compile``).

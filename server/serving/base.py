@@ -37,7 +37,7 @@ from shrinkserve.server.runtime.types import (
     Unavailable,
     Unsupported,
 )
-from shrinkserve.server.serving.tools import ToolsError
+from shrinkserve.server.serving.tools.validate import ToolsError
 
 T = TypeVar("T")
 

@@ -2,7 +2,7 @@
 chat logprobs.
 
 Without tools the conversation goes through the model's template as is. With `tools` (or tool calls and
-results in the history) serving/tools.py renders it — through the template when it takes `tools`, else
+results in the history) serving/tools/ renders it — through the template when it takes `tools`, else
 with SmolLM2's convention — and, unless `tool_choice` is "none", a grammar bounds the answer to free text
 (or the `response_format`) and/or valid calls; the text is then parsed back into `message.tool_calls`
 (streamed as deltas with `index`), and a complete answer made of calls ends with finish_reason "tool_calls".
@@ -19,7 +19,6 @@ from shrinkserve.server.api.errors import bad_request
 from shrinkserve.server.engines.base import Tokenizer
 from shrinkserve.server.runtime.registry import ProfileRuntime
 from shrinkserve.server.runtime.types import TokenInfo
-from shrinkserve.server.serving import tools as T
 from shrinkserve.server.serving.base import (
     Outcome,
     Prepared,
@@ -34,6 +33,16 @@ from shrinkserve.server.serving.base import (
 )
 from shrinkserve.server.serving.sse import TextChunks, sse_data
 from shrinkserve.server.serving.structured import compile_constraint, structure_of
+from shrinkserve.server.serving.tools.formats import ToolFormat, detect_tool_format
+from shrinkserve.server.serving.tools.render import render_chat as render_tool_chat
+from shrinkserve.server.serving.tools.stream import (
+    ContentDelta,
+    ToolCall,
+    ToolCallDelta,
+    ToolCallParser,
+    parse_tool_calls,
+)
+from shrinkserve.server.serving.tools.validate import ToolChoice, parse_tool_choice, parse_tools
 
 
 def render_chat(tok: Tokenizer, messages: list[P._Message]) -> str:
@@ -56,29 +65,29 @@ def render_chat(tok: Tokenizer, messages: list[P._Message]) -> str:
 
 
 def tool_setup(req_tools: list[P.ToolDefinition] | None, tool_choice: P.ToolChoiceParam | None,
-               parallel: bool | None) -> T.ToolChoice:
+               parallel: bool | None) -> ToolChoice:
     """The request's tools and tool_choice, validated (ToolsError → 400)."""
-    specs = T.parse_tools([t.model_dump(exclude_none=True) for t in req_tools] if req_tools is not None else None)
+    specs = parse_tools([t.model_dump(exclude_none=True) for t in req_tools] if req_tools is not None else None)
     raw = tool_choice.model_dump(exclude_none=True) if isinstance(tool_choice, P.Strict) else tool_choice
-    return T.parse_tool_choice(raw, specs, parallel)
+    return parse_tool_choice(raw, specs, parallel)
 
 
-def render_prompt(tok: Tokenizer, messages: list[P._Message], choice: T.ToolChoice) -> str:
+def render_prompt(tok: Tokenizer, messages: list[P._Message], choice: ToolChoice) -> str:
     """The prompt text: the plain template path unless tools or tool turns are involved."""
     if not choice.tools and not any(m.calls or m.role == "tool" for m in messages):
         return render_chat(tok, messages)
     if not tok.chat_template:
         raise bad_request("this profile's model has no chat template; use /v1/completions", param="messages")
-    return T.render_chat([m.as_openai() for m in messages], chat_template=tok.chat_template, tools=choice.tools,
-                         choice=choice, bos_token=tok.bos_token or "", eos_token=tok.eos_token or "")
+    return render_tool_chat([m.as_openai() for m in messages], chat_template=tok.chat_template, tools=choice.tools,
+                            choice=choice, bos_token=tok.bos_token or "", eos_token=tok.eos_token or "")
 
 
 @dataclass
 class ChatPlan:
     """What the response side needs to know about a prepared chat request."""
 
-    tools: T.ToolChoice
-    fmt: T.ToolFormat
+    tools: ToolChoice
+    fmt: ToolFormat
 
     @property
     def parses_calls(self) -> bool:
@@ -91,7 +100,7 @@ def prepare(rt: ProfileRuntime, req: P.ChatCompletionRequest, t_arrival: float) 
 
     def build() -> tuple[Prepared, ChatPlan]:
         tools = tool_setup(req.tools, req.tool_choice, req.parallel_tool_calls)
-        plan = ChatPlan(tools, T.detect_tool_format(tok.chat_template))
+        plan = ChatPlan(tools, detect_tool_format(tok.chat_template))
         # The template already placed any BOS text, so no special tokens are added on top.
         text = render_prompt(tok, req.messages, tools)
         ids = tok.tokenize(text, add_special=False)
@@ -105,7 +114,7 @@ def prepare(rt: ProfileRuntime, req: P.ChatCompletionRequest, t_arrival: float) 
     return client_errors(build)
 
 
-def _tool_calls(calls: list[T.ToolCall]) -> list[P.ToolCall] | None:
+def _tool_calls(calls: list[ToolCall]) -> list[P.ToolCall] | None:
     if not calls:
         return None
     return [P.ToolCall(id=c.id, function=P.ToolCallFunction(name=c.name, arguments=c.arguments)) for c in calls]
@@ -117,7 +126,7 @@ def response(req: P.ChatCompletionRequest, plan: ChatPlan, run: Run, outcomes: l
     for i, out in enumerate(outcomes):
         finish = out.finish_reason
         if plan.parses_calls:
-            parsed = T.parse_tool_calls(out.text, plan.fmt)
+            parsed = parse_tool_calls(out.text, plan.fmt)
             message = P.AssistantMessage(content=parsed.content, tool_calls=_tool_calls(parsed.tool_calls))
             finish = parsed.finish_reason(finish) if finish is not None else None
         else:
@@ -128,7 +137,7 @@ def response(req: P.ChatCompletionRequest, plan: ChatPlan, run: Run, outcomes: l
                                     usage=usage(run.prepared.prompt_tokens, run.completion_tokens, run.cached_tokens))
 
 
-def _delta_calls(deltas: list[T.ToolCallDelta]) -> list[P.ToolCallDelta]:
+def _delta_calls(deltas: list[ToolCallDelta]) -> list[P.ToolCallDelta]:
     return [P.ToolCallDelta(index=d.index, id=d.id, type="function" if d.id is not None else None,
                             function=P.ToolCallDeltaFunction(name=d.name, arguments=d.arguments))
             for d in deltas]
@@ -145,7 +154,7 @@ async def chunks(req: P.ChatCompletionRequest, plan: ChatPlan, run: Run) -> Asyn
     for i in range(n_choices):
         yield chunk(i, P.DeltaMessage(role="assistant", content=""))
     plain: dict[int, TextChunks] = {}  # per choice: the common chunk, text only
-    parsers = {i: T.ToolCallParser(plan.fmt) for i in range(n_choices)} if plan.parses_calls else {}
+    parsers = {i: ToolCallParser(plan.fmt) for i in range(n_choices)} if plan.parses_calls else {}
     async for i, step in run.steps():
         if not step.text and not step.tokens and step.finish_reason is None:
             continue
@@ -157,8 +166,8 @@ async def chunks(req: P.ChatCompletionRequest, plan: ChatPlan, run: Run) -> Asyn
             if finish is not None:
                 deltas += parser.finish()
                 finish = parser.result().finish_reason(finish)
-            text = "".join(d.text for d in deltas if isinstance(d, T.ContentDelta))
-            calls = [d for d in deltas if isinstance(d, T.ToolCallDelta)]
+            text = "".join(d.text for d in deltas if isinstance(d, ContentDelta))
+            calls = [d for d in deltas if isinstance(d, ToolCallDelta)]
             if text or lp is not None:
                 yield chunk(i, P.DeltaMessage(content=text or None), None, lp)
             if calls:

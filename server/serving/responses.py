@@ -21,9 +21,15 @@ from typing import Any
 from shrinkserve.server.api import protocol as P
 from shrinkserve.server.api.errors import APIError, bad_request
 from shrinkserve.server.runtime.types import TokenInfo
-from shrinkserve.server.serving import tools as T
 from shrinkserve.server.serving.base import Outcome, Run
 from shrinkserve.server.serving.chat import ChatPlan
+from shrinkserve.server.serving.tools.stream import (
+    ContentDelta,
+    ToolCallDelta,
+    ToolCallParser,
+    new_call_id,
+    parse_tool_calls,
+)
 
 log = logging.getLogger("shrinkserve.responses")
 
@@ -142,7 +148,7 @@ def _usage(run: Run) -> P.ResponseUsage:
 def response(req: P.ResponsesRequest, plan: ChatPlan, run: Run, outcomes: list[Outcome]) -> P.ResponseObject:
     (out,) = outcomes
     if plan.parses_calls:
-        parsed = T.parse_tool_calls(out.text, plan.fmt)
+        parsed = parse_tool_calls(out.text, plan.fmt)
         content, calls = parsed.content, parsed.tool_calls
         finish = parsed.finish_reason(out.finish_reason or "abort")
     else:
@@ -186,7 +192,7 @@ async def events(req: P.ResponsesRequest, plan: ChatPlan, run: Run) -> AsyncIter
     output: list[Any] = []  # finished items, in output order
     message: dict[str, Any] | None = None  # the open message item: id, index, text, tokens
     calls: dict[int, dict[str, Any]] = {}  # tool-call index → its open item
-    parser = T.ToolCallParser(plan.fmt) if plan.parses_calls else None
+    parser = ToolCallParser(plan.fmt) if plan.parses_calls else None
     finish: str | None = None
 
     def open_message() -> list[str]:
@@ -223,11 +229,11 @@ async def events(req: P.ResponsesRequest, plan: ChatPlan, run: Run) -> AsyncIter
                       content_index=0, delta=text, logprobs=[_dump(x) for x in lps]))
         return out
 
-    def call_delta(d: T.ToolCallDelta) -> list[str]:
+    def call_delta(d: ToolCallDelta) -> list[str]:
         out: list[str] = []
         if d.index not in calls:
             out += close_message("completed")
-            c = {"id": _id("fc"), "call_id": d.id or T.new_call_id(), "name": d.name or "", "arguments": "",
+            c = {"id": _id("fc"), "call_id": d.id or new_call_id(), "name": d.name or "", "arguments": "",
                  "index": len(output) + len(calls)}
             calls[d.index] = c
             item = P.OutputFunctionCall(id=c["id"], call_id=c["call_id"], name=c["name"], arguments="",
@@ -244,15 +250,15 @@ async def events(req: P.ResponsesRequest, plan: ChatPlan, run: Run) -> AsyncIter
     try:
         async for _, step in run.steps():
             held += step.tokens
-            deltas: list[T.ContentDelta | T.ToolCallDelta]
+            deltas: list[ContentDelta | ToolCallDelta]
             if parser is None:
-                deltas = [T.ContentDelta(step.text)] if step.text else []
+                deltas = [ContentDelta(step.text)] if step.text else []
             else:
                 deltas = parser.feed(step.text)
                 if step.finish_reason is not None:
                     deltas += parser.finish()
             for d in deltas:
-                for e in (text_delta(d.text, held) if isinstance(d, T.ContentDelta) else call_delta(d)):
+                for e in (text_delta(d.text, held) if isinstance(d, ContentDelta) else call_delta(d)):
                     yield e
                 held = []
             if step.finish_reason is not None:

@@ -28,7 +28,9 @@ from shrinkserve.server.runtime.grammar import (
     lark_grammar,
 )
 from shrinkserve.server.runtime.types import TokenConstraint
-from shrinkserve.server.serving.tools import SMOLLM2, ToolChoice, ToolFormat, tool_grammar
+from shrinkserve.server.serving.tools.formats import SMOLLM2, ToolFormat
+from shrinkserve.server.serving.tools.grammar import tool_grammar
+from shrinkserve.server.serving.tools.validate import ToolChoice
 
 __all__ = ["Structure", "compile_constraint", "structure_of"]
 
