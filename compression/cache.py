@@ -43,6 +43,8 @@ from typing import Any, BinaryIO
 
 import filelock
 
+from shrinkserve.compression.durable import fsync_path
+
 __all__ = ["MANIFEST_NAME", "Artifact", "ArtifactCache", "cache_key", "hash_path"]
 
 logger = logging.getLogger("shrinkserve.cache")
@@ -128,23 +130,6 @@ def hash_path(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync_path(path: Path, *, directory: bool = False) -> None:
-    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0)
-    try:
-        fd = os.open(path, flags)
-    except OSError:
-        if directory:  # some platforms/filesystems cannot open directories; durability is best effort
-            return
-        raise
-    try:
-        os.fsync(fd)
-    except OSError:
-        if not directory:
-            raise
-    finally:
-        os.close(fd)
-
-
 def write_file_atomic(path: Path, write: Callable[[BinaryIO], object], *, tmp_prefix: str = ".tmp.") -> None:
     """`write(f)` into a temp file beside ``path``, fsync, rename over ``path``, fsync the directory: readers
     see the old file or the new one, never half of one (also what training checkpoints write through)."""
@@ -159,7 +144,7 @@ def write_file_atomic(path: Path, write: Callable[[BinaryIO], object], *, tmp_pr
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
         raise
-    _fsync_path(path.parent, directory=True)
+    fsync_path(path.parent, directory=True)
 
 
 def write_json_atomic(path: Path, data: Any, *, tmp_prefix: str = ".tmp.") -> None:
@@ -469,7 +454,7 @@ class ArtifactCache:
             files: dict[str, dict[str, Any]] = {}
             for rel, p in _iter_files(work):
                 files[rel] = {"bytes": p.stat().st_size, "sha256": _hash_file(p)}
-                _fsync_path(p)
+                fsync_path(p)
             manifest = _jsonable(
                 {
                     "key": key,
@@ -492,7 +477,7 @@ class ArtifactCache:
                 os.fsync(f.fileno())
             # New directory entries are only durable once their parent directories are synced.
             for dirpath, _dirs, _files in os.walk(work):
-                _fsync_path(Path(dirpath), directory=True)
+                fsync_path(Path(dirpath), directory=True)
             try:
                 os.rename(work, final)
             except OSError as exc:
@@ -507,7 +492,7 @@ class ArtifactCache:
         finally:
             with _ACTIVE_BUILDS_LOCK:
                 _ACTIVE_BUILDS.discard(str(work))
-        _fsync_path(self.artifacts_dir, directory=True)
+        fsync_path(self.artifacts_dir, directory=True)
         self._drop_work_dir(key)  # the artifact is in place: what the build kept for a resume is done with
         logger.info("built artifact %s (%s): %d files, %d bytes", key, name, len(files), manifest["bytes"])
         return Artifact(key=key, path=final, manifest=manifest)

@@ -1,5 +1,5 @@
 """Calibration text for AWQ/GPTQ: the shipped set (disjoint from the evaluation text), the user's file,
-or traffic captured by the server (capture files of compression/traffic.py, or the older `.jsonl`)."""
+or traffic captured by the server (capture files of compression/traffic/, or the older `.jsonl`)."""
 
 from __future__ import annotations
 
@@ -51,16 +51,17 @@ def calibration_samples(tokenizer: object, path: Path | None, samples: int, seq_
 def calibration_text(path: Path, tokenizer: object | None = None) -> str:
     """The text of a calibration file; captured traffic (a capture file, a capture directory or the older
     JSONL) becomes its records' prompt + completion, one record per paragraph."""
-    from shrinkserve.compression import traffic
+    from shrinkserve.compression.traffic.reader import is_capture_file, read_records
+    from shrinkserve.compression.traffic.record import decode_record
 
-    if path.is_dir() or traffic.is_capture_file(path) or path.suffix == ".jsonl":
+    if path.is_dir() or is_capture_file(path) or path.suffix == ".jsonl":
         texts = []
-        for rec in traffic.read_records([path], strict=path.suffix == ".jsonl"):
+        for rec in read_records([path], strict=path.suffix == ".jsonl"):
             if rec.text is not None:
                 texts.append(rec.text)
             elif tokenizer is None:
                 raise ValueError(f"{path}: captured records hold token ids; reading them as text needs a tokenizer")
             else:
-                texts.append(traffic.decode_record(rec, tokenizer))
+                texts.append(decode_record(rec, tokenizer))
         return "\n\n".join(texts)
     return path.read_text(encoding="utf-8")

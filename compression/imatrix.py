@@ -366,15 +366,16 @@ def token_sequences(opts: ImatrixOptions, data: Path, tokenizer: Any) -> tuple[l
     Calibration text: consecutive `seq_len`-token windows of the whole text. Traffic: each record's prompt +
     completion as its own sequence (cut at `seq_len`), decoded and re-tokenized as calibration.py does, so a
     capture of one engine serves a checkpoint of the same base whatever served it."""
-    from shrinkserve.compression import traffic
     from shrinkserve.compression.calibration import calibration_text
+    from shrinkserve.compression.traffic.reader import is_capture_file, read_records
+    from shrinkserve.compression.traffic.record import decode_record
 
     seqs: list[list[int]] = []
     if opts.source == "traffic":
         what = f"the traffic at {data}"
-        if not (data.is_dir() or traffic.is_capture_file(data) or data.suffix == ".jsonl"):
+        if not (data.is_dir() or is_capture_file(data) or data.suffix == ".jsonl"):
             raise ImatrixError(f"imatrix source 'traffic': {data} is not a capture file or directory")
-        texts: Iterator[str] = (traffic.decode_record(r, tokenizer) for r in traffic.read_records([data]))
+        texts: Iterator[str] = (decode_record(r, tokenizer) for r in read_records([data]))
         windows = (list(tokenizer(t, add_special_tokens=False)["input_ids"])[: opts.seq_len] for t in texts)
     else:
         what = f"the calibration text {data}"

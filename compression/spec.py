@@ -126,7 +126,7 @@ class ProfileSpec(BaseModel):
     # `then: [{method: rtn, group_size: 32}]`. Each takes the previous step's HF checkpoint.
     # (A single step may be written as a plain string; it is stored as a one-item list.)
     then: list[str | dict[str, Any]] | str = Field(default_factory=list, description="methods applied after `method`")
-    # Traffic capture (compression/traffic.py): a teacher's generations are captured by default when capture
+    # Traffic capture (compression/traffic/): a teacher's generations are captured by default when capture
     # is on; `capture` true/false overrides that for this profile. (Not `teacher:`, which a distillation's
     # options use for the profile it learns from.)
     is_teacher: bool = False

@@ -1,5 +1,5 @@
 """Synthetic teacher data: prompts from a file, answered in-process by a teacher HF checkpoint, recorded
-with the teacher's top-k + sampled-token logprobs in the capture format (compression/traffic.py).
+with the teacher's top-k + sampled-token logprobs in the capture format (compression/traffic/).
 
 The same records as captured traffic, so one reader serves distillation either way. Logprobs are those of
 the teacher's raw distribution (before temperature / top-p), as the server reports them. Prompts go
@@ -25,15 +25,14 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from shrinkserve.compression import data_file
 from shrinkserve.compression.scoring import log_softmax
-from shrinkserve.compression.traffic import (
+from shrinkserve.compression.traffic.record import (
     CaptureRecord,
-    CaptureSettings,
-    CaptureWriter,
     TeacherIdentity,
     capture_record,
     sha256_text,
     tokenizer_fingerprint,
 )
+from shrinkserve.compression.traffic.writer import CaptureSettings, CaptureWriter
 
 log = logging.getLogger("shrinkserve.synthetic")
 

@@ -85,7 +85,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     from shrinkserve.compression.distill.evaluate import prose_examples, score_candidates
     from shrinkserve.compression.profiles import BaseSpec, ProfileBuilder, ProfileSpec
     from shrinkserve.compression.quality import EvalSet
-    from shrinkserve.compression.traffic import read_records
+    from shrinkserve.compression.traffic.reader import read_records
     from shrinkserve.server.engines.llamacpp import LlamaCppEngine
     from shrinkserve.server.engines.torch_engine import TorchEngine
 

@@ -200,7 +200,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_capture_stats(args: argparse.Namespace) -> int:
-    from shrinkserve.compression import traffic
+    from shrinkserve.compression.traffic.stats import capture_stats, format_stats, plot_tail_histogram
 
     paths = args.paths
     if not paths:
@@ -208,13 +208,13 @@ def cmd_capture_stats(args: argparse.Namespace) -> int:
         if where is None:
             raise ValueError("no capture files given, and capture is off in the config (capture.dir)")
         paths = [where]
-    stats = traffic.capture_stats(paths)
+    stats = capture_stats(paths)
     if args.json:
         print(json.dumps(stats.__dict__, default=list))
     else:
-        print(traffic.format_stats(stats))
+        print(format_stats(stats))
     if args.plot:
-        print(f"plot: {traffic.plot_tail_histogram(paths, args.plot)}")
+        print(f"plot: {plot_tail_histogram(paths, args.plot)}")
     return 0
 
 

@@ -24,7 +24,7 @@ from pydantic_settings import (
 
 from shrinkserve.compression.profiles import BaseSpec, ProfileSpec
 from shrinkserve.compression.quality import EvalSet
-from shrinkserve.compression.traffic import CaptureSettings
+from shrinkserve.compression.traffic.writer import CaptureSettings
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 

@@ -1,5 +1,5 @@
 """Traffic capture end to end: a live server writes each finished generation of a teacher profile as a capture
-record (compression/traffic.py) holding the API's own top_logprobs and each sampled token's logprob; a
+record (compression/traffic/) holding the API's own top_logprobs and each sampled token's logprob; a
 profile that is not a teacher, a profile that opts out and an excluded route are not captured; the records
 read back through `shrinkserve capture stats` and as AWQ/GPTQ calibration text."""
 
@@ -15,11 +15,11 @@ import httpx
 import numpy as np
 import pytest
 
-from shrinkserve.compression import traffic
 from shrinkserve.compression.base_model import embedded_gguf_path
 from shrinkserve.compression.cache import ArtifactCache
 from shrinkserve.compression.calibration import calibration_samples, calibration_text
 from shrinkserve.compression.profiles import BaseSpec, ProfileBuilder, ProfileSpec
+from shrinkserve.compression.traffic.reader import ReadReport, read_records
 from tests.conftest import ServerProcess
 
 
@@ -53,8 +53,8 @@ def test_a_teachers_traffic_is_captured_with_the_apis_logprobs(cache_dir: Path, 
     finally:
         assert proc.stop() in (0, -signal.SIGTERM), proc.log()  # the writer closes its segment at shutdown
 
-    report = traffic.ReadReport()
-    records = list(traffic.read_records([capture], report=report))
+    report = ReadReport()
+    records = list(read_records([capture], report=report))
     assert report.torn == report.corrupt == 0
     assert [r.route for r in records] == ["/v1/chat/completions", "/v1/completions"], proc.log()
     rec = records[0]

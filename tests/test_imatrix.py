@@ -283,7 +283,8 @@ def test_a_mismatched_imatrix_file_fails_the_build_and_caches_nothing(shared_cac
 
 
 def _capture(dir_: Path, token_lists: list[list[int]]) -> Path:
-    from shrinkserve.compression.traffic import CaptureSettings, CaptureWriter, TeacherIdentity, capture_record
+    from shrinkserve.compression.traffic.record import TeacherIdentity, capture_record
+    from shrinkserve.compression.traffic.writer import CaptureSettings, CaptureWriter
 
     w = CaptureWriter(CaptureSettings(dir=dir_, retain_bytes=None))
     for ids in token_lists:

@@ -12,7 +12,7 @@ import pytest
 from shrinkserve.compression.cache import ArtifactCache
 from shrinkserve.compression.profiles import BaseSpec, ProfileBuilder, ProfileSpec
 from shrinkserve.compression.synthetic import PROMPT_SETS, Prompt, SyntheticConfig, generate_teacher_data, load_prompts
-from shrinkserve.compression.traffic import ReadReport, read_records
+from shrinkserve.compression.traffic.reader import ReadReport, read_records
 
 
 def test_shipped_prompt_sets() -> None:

@@ -1,4 +1,4 @@
-"""Captured traffic as a dataset (compression/traffic.py): records round-trip, a writer killed mid-append
+"""Captured traffic as a dataset (compression/traffic/): records round-trip, a writer killed mid-append
 never corrupts what was written, rotation and retention, the capture policy, the old JSONL, `capture stats`."""
 
 from __future__ import annotations
@@ -15,22 +15,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shrinkserve.compression.traffic import (
-    FILE_MAGIC,
+from shrinkserve.compression.traffic.frames import FILE_MAGIC, decode_frame, encode_frame
+from shrinkserve.compression.traffic.reader import ReadReport, read_records
+from shrinkserve.compression.traffic.record import (
     CaptureRecord,
-    CaptureSettings,
-    CaptureWriter,
-    ReadReport,
     TeacherIdentity,
     capture_record,
-    capture_stats,
-    decode_frame,
-    encode_frame,
-    format_stats,
-    read_records,
     record_from_finished,
     tokenizer_fingerprint,
 )
+from shrinkserve.compression.traffic.stats import capture_stats, format_stats
+from shrinkserve.compression.traffic.writer import CaptureSettings, CaptureWriter
 from tests.conftest import SHRINKSERVE
 
 TEACHER = TeacherIdentity("base", "a" * 64, None, "b" * 64, "c" * 64, 49152)
@@ -129,7 +124,7 @@ def test_tokenizer_fingerprint_identifies_the_id_to_bytes_mapping() -> None:
 
 
 def test_heldout_split_is_by_prompt_and_deterministic() -> None:
-    from shrinkserve.compression.traffic import is_heldout
+    from shrinkserve.compression.traffic.record import is_heldout
 
     recs = [make_record(i) for i in range(400)]
     held = [is_heldout(r, 0.2) for r in recs]
@@ -181,8 +176,7 @@ WRITER_SCRIPT = textwrap.dedent("""
     from pathlib import Path
     sys.path.insert(0, {tests!r})
     from test_traffic import make_record
-    from shrinkserve.compression import traffic
-    from shrinkserve.compression.traffic import CaptureSettings, CaptureWriter
+    from shrinkserve.compression.traffic.writer import CaptureSettings, CaptureWriter
     torn_at = {torn_at}
     if torn_at is not None:
         real_write = os.write
@@ -193,7 +187,7 @@ WRITER_SCRIPT = textwrap.dedent("""
             write.calls += len(data) > 100
             return real_write(fd, data)
         write.calls = 0
-        traffic.os.write = write
+        os.write = write
     w = CaptureWriter(CaptureSettings(dir=Path({dir!r}), max_file_bytes=2_000_000))
     i = 0
     while True:

@@ -25,7 +25,8 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from shrinkserve.compression import traffic
+from shrinkserve.compression.traffic.reader import read_records
+from shrinkserve.compression.traffic.record import CaptureRecord
 from shrinkserve.server.engines.vllm_process import default_vllm_python
 from tests.conftest import ServerProcess, require_vllm_int4
 
@@ -164,10 +165,10 @@ def test_capture_records_vllms_tokens_and_top_k(served: tuple[str, ServerProcess
     assert r.status_code == 200
     capture = server.log_path.parent / "capture"
     deadline = time.monotonic() + 10
-    records: list[traffic.CaptureRecord] = []
+    records: list[CaptureRecord] = []
     prompt_ids = r.json()["usage"]["prompt_tokens"]
     while time.monotonic() < deadline:
-        records = [rec for rec in traffic.read_records([capture]) if rec.sampling.get("max_tokens") == 4] \
+        records = [rec for rec in read_records([capture]) if rec.sampling.get("max_tokens") == 4] \
             if capture.exists() else []
         if records:
             break

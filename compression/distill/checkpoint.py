@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
-from shrinkserve.compression.cache import _fsync_path
 from shrinkserve.compression.cache import write_file_atomic as _write_file_atomic
+from shrinkserve.compression.durable import fsync_path
 
 _STEP_RE = re.compile(r"step-(\d{8,})")
 _TMP_PREFIX = ".tmp-"
@@ -86,15 +86,15 @@ class CheckpointStore:
             torch.save(dict(optimizer_state), work / OPTIMIZER)
             (work / STATE).write_text(json.dumps({**state, "step": step}, sort_keys=True), encoding="utf-8")
             for name in (MODEL, OPTIMIZER, STATE):
-                _fsync_path(work / name)
-            _fsync_path(work, directory=True)
+                fsync_path(work / name)
+            fsync_path(work, directory=True)
             if final.exists():  # the same step saved again after a resume: replace it whole
                 self._remove(final)
             os.rename(work, final)
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)
             raise
-        _fsync_path(self.root, directory=True)
+        fsync_path(self.root, directory=True)
         for old in self.steps()[: -self.keep]:
             self._remove(self.root / f"step-{old:08d}")
         return final

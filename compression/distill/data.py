@@ -2,7 +2,7 @@
 teacher's top-k distribution per response token (interfaces.md §3, the capture record).
 
 `DistillExample` is the narrow type every part of distillation reads; `example_from_record` adapts a capture
-record (compression/traffic.py's `CaptureRecord`, a mapping with the same keys, or a line of the older
+record (compression/traffic/record.py's `CaptureRecord`, a mapping with the same keys, or a line of the older
 capture JSONL) to it. `write_jsonl_records` / `read_jsonl_records` keep examples as JSONL with the same
 field names: a student's held-out split, and small test data.
 """

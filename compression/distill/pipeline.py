@@ -21,7 +21,6 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from shrinkserve.compression import traffic
 from shrinkserve.compression.base_model import tool_version
 from shrinkserve.compression.distill.data import (
     DistillExample,
@@ -32,6 +31,8 @@ from shrinkserve.compression.distill.data import (
     write_jsonl_records,
 )
 from shrinkserve.compression.distill.options import DistillOptions, SyntheticData
+from shrinkserve.compression.traffic.reader import capture_files
+from shrinkserve.compression.traffic.reader import read_records as read_capture_records
 
 log = logging.getLogger("shrinkserve.distill")
 
@@ -47,7 +48,7 @@ RESULT_NAME = "distill/result.json"
 
 def _is_jsonl_records(path: Path) -> bool:
     """Examples written by `write_examples` (JSONL with top-level `completion_ids`, not the older capture
-    JSONL's `teacher_topk`, which compression/traffic.py reads)."""
+    JSONL's `teacher_topk`, which compression/traffic/ reads)."""
     if path.suffix != ".jsonl":
         return False
     with open(path, encoding="utf-8") as f:
@@ -63,18 +64,18 @@ def _files(paths: Sequence[Path]) -> list[Path]:
     out = []
     for p in paths:
         p = Path(p).expanduser()
-        out.extend(traffic.capture_files([p]) if p.is_dir() else [p])
+        out.extend(capture_files([p]) if p.is_dir() else [p])
     return out
 
 
 def read_records(paths: Sequence[Path]) -> Iterator[Any]:
     """Records of the given files/directories: capture segments and the older capture JSONL
-    (compression/traffic.py), and example JSONL written by `write_examples` (tests, held-out splits)."""
+    (compression/traffic/), and example JSONL written by `write_examples` (tests, held-out splits)."""
     for path in _files(paths):
         if _is_jsonl_records(path):
             yield from read_jsonl_records([path])
         else:
-            yield from traffic.read_records([path])
+            yield from read_capture_records([path])
 
 
 def load_split(

@@ -1,4 +1,4 @@
-"""Traffic capture as a core observer: each finished generation becomes a capture record (compression/traffic.py),
+"""Traffic capture as a core observer: each finished generation becomes a capture record (compression/traffic/),
 written off the scheduler thread.
 
 The core hands a `FinishedGeneration` to its observers from its scheduler thread; writing a file there
@@ -19,13 +19,8 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
-from shrinkserve.compression.traffic import (
-    CaptureSettings,
-    CaptureWriter,
-    TeacherIdentity,
-    record_from_finished,
-    served_teacher,
-)
+from shrinkserve.compression.traffic.record import TeacherIdentity, record_from_finished, served_teacher
+from shrinkserve.compression.traffic.writer import CaptureSettings, CaptureWriter
 from shrinkserve.server.engines.base import Tokenizer
 from shrinkserve.server.runtime.types import FinishedGeneration
 
