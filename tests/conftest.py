@@ -149,7 +149,7 @@ VLLM_INT4_PROBE = ("from vllm.platforms import current_platform; current_platfor
 @functools.cache
 def vllm_int4_missing() -> str | None:
     """Why vLLM-CPU cannot run int4 weight-only layers here, or None when it can."""
-    from shrinkserve.server.engines.vllm_process import default_vllm_python
+    from shrinkserve.compression.engine_options import default_vllm_python
 
     python = default_vllm_python()
     if not python.exists():

@@ -22,8 +22,9 @@ from shrinkserve.compression.compressed_tensors import (
     load_compressed_tensors,
     save_compressed_tensors,
 )
+from shrinkserve.compression.engine_options import VllmOptions, default_vllm_python
 from shrinkserve.compression.quant_format import QuantizedLinear, load_quantized_checkpoint
-from shrinkserve.server.engines.vllm_process import VllmOptions, VllmProcess, default_vllm_python
+from shrinkserve.server.engines.vllm_process import VllmProcess
 from tests.conftest import require_vllm_int4
 from tests.test_vllm_process import base_checkpoint
 

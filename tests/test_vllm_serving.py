@@ -25,9 +25,9 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from shrinkserve.compression.engine_options import default_vllm_python
 from shrinkserve.compression.traffic.reader import read_records
 from shrinkserve.compression.traffic.record import CaptureRecord
-from shrinkserve.server.engines.vllm_process import default_vllm_python
 from tests.conftest import ServerProcess, require_vllm_int4
 
 FAKE = Path(__file__).resolve().parent / "fake_vllm"

@@ -34,14 +34,8 @@ from typing import Any
 import httpx
 
 from shrinkserve.server.engines.base import Tokenizer
-from shrinkserve.server.engines.vllm_process import (
-    CompletionChunk,
-    TopLogprob,
-    VllmClient,
-    VllmProcess,
-    VllmRequestError,
-    VllmStartError,
-)
+from shrinkserve.server.engines.vllm_client import CompletionChunk, TopLogprob, VllmClient, VllmRequestError
+from shrinkserve.server.engines.vllm_process import VllmProcess, VllmStartError
 from shrinkserve.server.runtime.core import Admission, Ticket
 from shrinkserve.server.runtime.decode import GenerationEnd, StopText
 from shrinkserve.server.runtime.types import (

@@ -136,7 +136,7 @@ class Registry:
         # vLLM children's own metrics, re-exported with the profile label (one relay for all of them).
         self.vllm_relay = None
         if any(p.engine == "vllm" for p in settings.profiles.values()):
-            from shrinkserve.server.engines.vllm_process import VllmMetricsRelay
+            from shrinkserve.server.engines.vllm_metrics import VllmMetricsRelay
 
             self.vllm_relay = VllmMetricsRelay()
             metrics.registry.register(self.vllm_relay)
