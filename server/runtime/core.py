@@ -6,7 +6,9 @@ real 503, streaming or not), then `generate()` per prompt, and closes the iterat
 
 `Admission` is the bounded FIFO queue in-process cores share: it counts sequences and KV tokens
 against the profile's budget and lives on the event loop (only its `release` is called from other
-threads, through the loop).
+threads, through the loop). Room comes back explicitly, never through the garbage collector: a finished
+generation gives its share back (`Ticket.give_back`), and the ticket's owner releases the rest
+(`Ticket.release`, which the serving layer's `Run` does when it closes).
 """
 
 from __future__ import annotations
@@ -55,7 +57,8 @@ class Ticket:
     """Admitted room: `shares` generations that may run at once, each within `tokens` KV positions.
 
     A request with more prompts than shares runs them as shares come back (`acquire`); whatever is
-    not handed back by a finished generation returns with `release()`.
+    not handed back by a finished generation returns with `release()`, which its owner must call once
+    on every path (it is idempotent; shares still running come back as their generations end).
     """
 
     shares: int
@@ -87,7 +90,7 @@ class Ticket:
         self._free += 1
         if self._returned:
             self._free -= 1
-            self.admission._return(1, self.tokens)
+            self.admission.release(1, self.tokens)
         while self._waiters:
             fut = self._waiters.popleft()
             if not fut.done():
@@ -98,7 +101,7 @@ class Ticket:
         """The request is done with the ticket: return every share no generation holds."""
         if not self._returned:
             self._returned = True
-            self.admission._return(self._free, self.tokens)
+            self.admission.release(self._free, self.tokens)
             self._free = 0
 
 
@@ -146,7 +149,7 @@ class Admission:
                 await fut  # _grant() took the budget for us
             except BaseException:
                 if fut.done() and not fut.cancelled() and fut.exception() is None:
-                    self._return(shares, max_total_tokens)  # granted, then cancelled before we could use it
+                    self.release(shares, max_total_tokens)  # granted, then cancelled before we could use it
                 elif entry in self._queue:
                     self._queue.remove(entry)
                     self._grant()
@@ -159,7 +162,8 @@ class Admission:
         self.seqs_held += seqs
         self.tokens_held += seqs * tokens
 
-    def _return(self, seqs: int, tokens: int) -> None:
+    def release(self, seqs: int, tokens: int) -> None:
+        """Give back `seqs` sequences of `tokens` KV positions each, and admit whoever now fits."""
         self.seqs_held -= seqs
         self.tokens_held -= seqs * tokens
         self._grant()

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import aclosing, suppress
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
@@ -200,8 +200,11 @@ async def start(prepared: Prepared, metrics: Metrics, capture_top_k: int = 0, ro
 
 class Run:
     """An admitted request. Its choices generate on the ticket — the `n` choices of a prompt at once (as
-    many as the ticket's shares allow), several prompts one after another; `steps()` (or `collect()`) must
-    be consumed, or `close()` called, to hand the ticket back."""
+    many as the ticket's shares allow), several prompts one after another.
+
+    Its owner closes it on every path (`async with run:`; a streamed response closes it when the response
+    ends): that aborts what still generates and hands the ticket back, also when `steps()` never started
+    (a client gone before the first byte). A consumed or closed `steps()` closes it as well."""
 
     def __init__(self, prepared: Prepared, ticket: Ticket, metrics: Metrics) -> None:
         self.prepared = prepared
@@ -209,21 +212,28 @@ class Run:
         self.metrics = metrics
         self.completion_tokens = 0
         self.cached_tokens = 0  # prompt tokens served from the prefix cache (each prompt's first choice)
-        self._loop = asyncio.get_running_loop()
+        self._iterators: list[AsyncGenerator[tuple[int, Step], None]] = []  # every steps() handed out
 
     @property
     def name(self) -> str:
         return self.prepared.rt.name
 
-    async def steps(self) -> AsyncIterator[tuple[int, Step]]:
-        """(choice index, step) for every choice; choices of one prompt interleave."""
+    def steps(self) -> AsyncGenerator[tuple[int, Step], None]:
+        """(choice index, step) for every choice; choices of one prompt interleave. `aclose()` closes it."""
+        steps = self._steps()
+        self._iterators.append(steps)
+        return steps
+
+    async def _steps(self) -> AsyncGenerator[tuple[int, Step], None]:
         try:
             if self.prepared.n == 1:
                 for i, req in enumerate(self.prepared.requests):
-                    async for step in self._observed(req):
-                        self.completion_tokens += step.n_tokens
-                        self.cached_tokens += step.cached_tokens
-                        yield i, step
+                    # Closed here, not by the garbage collector: closing it aborts the generation.
+                    async with aclosing(self._observed(req)) as steps:
+                        async for step in steps:
+                            self.completion_tokens += step.n_tokens
+                            self.cached_tokens += step.cached_tokens
+                            yield i, step
             else:
                 async for i, step in self._merged():
                     self.completion_tokens += step.n_tokens
@@ -313,10 +323,22 @@ class Run:
         return outcomes
 
     def close(self) -> None:
+        """Hand back the ticket's room no generation holds (idempotent; running ones return theirs as they end)."""
         self.ticket.release()
 
-    def __del__(self) -> None:
-        # A streaming response whose body never started (the client left at once) still returns its room.
-        if not self.ticket.returned:
-            with suppress(RuntimeError):
-                self._loop.call_soon_threadsafe(self.ticket.release)
+    async def aclose(self) -> None:
+        """Close every `steps()` handed out (aborting the generations still running), then `close()`."""
+        iterators, self._iterators = self._iterators, []  # closed ones hold nothing; drop the references
+        try:
+            for steps in iterators:
+                # One still inside a step belongs to a task that was cancelled, and unwinds with it.
+                if not steps.ag_running:
+                    await steps.aclose()
+        finally:
+            self.close()
+
+    async def __aenter__(self) -> Run:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()

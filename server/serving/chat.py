@@ -11,7 +11,7 @@ with SmolLM2's convention — and, unless `tool_choice` is "none", a grammar bou
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
 from shrinkserve.server.api import protocol as P
@@ -143,7 +143,7 @@ def _delta_calls(deltas: list[ToolCallDelta]) -> list[P.ToolCallDelta]:
             for d in deltas]
 
 
-async def chunks(req: P.ChatCompletionRequest, plan: ChatPlan, run: Run) -> AsyncIterator[str]:
+async def chunks(req: P.ChatCompletionRequest, plan: ChatPlan, run: Run) -> AsyncGenerator[str, None]:
     rid, created = P.new_id("chatcmpl"), int(time.time())
     n_choices = len(run.prepared.requests)
 

@@ -4,7 +4,7 @@ output constraints as chat (`response_format`, vLLM's `structured_outputs` / `gu
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from shrinkserve.server.api import protocol as P
 from shrinkserve.server.runtime.registry import ProfileRuntime
@@ -59,7 +59,7 @@ def response(req: P.CompletionRequest, run: Run, outcomes: list[Outcome]) -> P.C
                                 usage=usage(run.prepared.prompt_tokens, run.completion_tokens, run.cached_tokens))
 
 
-async def chunks(req: P.CompletionRequest, run: Run) -> AsyncIterator[str]:
+async def chunks(req: P.CompletionRequest, run: Run) -> AsyncGenerator[str, None]:
     rid, created = P.new_id("cmpl"), int(time.time())
     echoed = [False] * len(run.prepared.requests)
     plain: dict[int, TextChunks] = {}  # per choice index: the common chunk, text only

@@ -15,7 +15,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from shrinkserve.server.api import protocol as P
@@ -184,7 +184,7 @@ def _dump(model: Any) -> dict[str, Any]:
     return model.model_dump(mode="json")
 
 
-async def events(req: P.ResponsesRequest, plan: ChatPlan, run: Run) -> AsyncIterator[str]:
+async def events(req: P.ResponsesRequest, plan: ChatPlan, run: Run) -> AsyncGenerator[str, None]:
     shell = Shell(req, run.name)
     ev = _Events()
     yield ev("response.created", response=_dump(shell.response("in_progress", [])))

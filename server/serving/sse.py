@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 
 from pydantic import BaseModel
 
@@ -39,7 +39,7 @@ class TextChunks:
         return self._prefix + json.dumps(text, ensure_ascii=False) + self._suffix
 
 
-async def sse_events(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+async def sse_events(chunks: AsyncIterator[str]) -> AsyncGenerator[str, None]:
     """Frame `chunks`; a failure after the headers went out is reported in-band, as vLLM does. Every
     stream that is not cut by its client ends with `data: [DONE]`."""
     try:
