@@ -46,9 +46,6 @@ class FakeSequence:
     def _drop_from(self, n: int) -> None:  # the server's Sequence API
         pass
 
-    def reset(self) -> None:
-        self.truncate(0)
-
 
 @pytest.mark.parametrize(("n", "max_batch"), [(1, 4), (2, 4), (5, 4), (8, 4), (9, 4), (17, 8), (3, 512)])
 def test_chunking_follows_chunk_ends(n: int, max_batch: int) -> None:

@@ -118,13 +118,6 @@ class BatchModel(ABC):
         self._free = list(range(max_seqs))  # a heap: the lowest id is reused first
         self._slots: dict[int, Slot] = {}
 
-    @property
-    def kv_total_tokens(self) -> int:
-        return self.pool_tokens
-
-    def kv_used_tokens(self) -> int:
-        return self.used_tokens()
-
     def used_tokens(self, slots: Iterable[Slot] | None = None) -> int:
         """KV positions the slots (default: all) hold, a shared cell counted once."""
         chosen = list(self._slots.values() if slots is None else slots)
@@ -227,9 +220,6 @@ class Sequence:
     def truncate(self, n: int) -> None:
         """Keep only the first `n` cached tokens."""
         self.model.truncate(self.slot, n)
-
-    def reset(self) -> None:
-        self.truncate(0)
 
     def close(self) -> None:
         self.model.close()

@@ -75,10 +75,6 @@ class SeqKV:
         out.length = n
         return out
 
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v) if t is not None)
-
 
 @dataclass
 class _Seg:

@@ -63,9 +63,6 @@ class TorchBatch(BatchModel):
                 clone.crop(n - len(src.tokens))  # type: ignore[attr-defined]  # negative: drop the tail
             self._kv[dst.id] = clone
 
-    def kv_bytes(self) -> int:
-        return sum(kv.nbytes for kv in self._kv.values() if isinstance(kv, SeqKV))
-
     def step(self, work: Seq[Work]) -> list[np.ndarray]:
         import torch
 
