@@ -58,7 +58,8 @@ class Evaluator:
         self._stop = threading.Event()
 
     def stored(self, built: BuiltProfile, spec: ProfileSpec) -> dict[str, Any] | None:
-        record = quality_store.load(self.builder.cache, built, spec, self.evalset.sha256)
+        record = quality_store.load(self.builder.cache, spec, key=built.key, path=built.path,
+                                    eval_set_sha256=self.evalset.sha256)
         if record is not None and spec.heldout_traffic and self._traffic_stale(record):
             return None
         return record
@@ -132,7 +133,7 @@ class Evaluator:
             if spec.engine == "vllm":
                 record["scored_by"] = f"torch ({getattr(engine, 'device', 'cpu')}, {spec.dtype})"
                 record["engine_check"] = engine_check_reference(engine, self.evalset)
-            quality_store.save(self.builder.cache, built, spec, record)
+            quality_store.save(self.builder.cache, spec, record, key=built.key, path=built.path)
             log.info("profile %s: ppl %.3f (x%.3f), KL %.4f, top-1 %.3f, tasks %.2f, %.1f tok/s", name,
                      record["perplexity"], record["ppl_ratio"], record["kl"], record["top1"], record["task_score"],
                      record["decode_tokens_per_s"])

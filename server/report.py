@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from shrinkserve.compression import quality_store
-from shrinkserve.compression.profiles import BuiltProfile, ProfileBuilder
+from shrinkserve.compression.profiles import ProfileBuilder
 from shrinkserve.server.quality_runner import gate_failures
 
 
@@ -33,9 +33,8 @@ def collect(builder: ProfileBuilder, eval_set_sha256: str) -> list[Row]:
         status = builder.status(name)
         record = None
         if status["path"] is not None:
-            built = BuiltProfile(name, spec.pipeline, str(spec.engine), Path(status["path"]).resolve(),
-                                 status["bytes"] or 0, True, 0.0, status["key"])
-            record = quality_store.load(builder.cache, built, spec, eval_set_sha256)
+            record = quality_store.load(builder.cache, spec, key=status["key"], path=Path(status["path"]).resolve(),
+                                        eval_set_sha256=eval_set_sha256)
         rows.append(Row(name, spec.pipeline, status["state"], status["bytes"], record, gate_failures(record, spec)))
     return rows
 

@@ -318,7 +318,7 @@ class Registry:
                                "min_agreement": self.settings.evaluation.min_vllm_agreement, "device": device,
                                "startup_seconds": process.ready_seconds,
                                "check_seconds": round(time.perf_counter() - started, 1)}}
-            quality_store.save(self.cache, built, spec, record)
+            quality_store.save(self.cache, spec, record, key=built.key, path=built.path)
             log.info("profile %s: vLLM top-1 agreement with the PyTorch engine %.3f over %d positions, "
                      "%.1f tok/s single stream", rt.name, agreement, len(check["top1"]), speed)
         return record
