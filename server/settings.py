@@ -89,6 +89,7 @@ class ServingPolicy(BaseModel):
     scheduler: Scheduler | None = None
     max_num_seqs: int | None = Field(default=None, ge=1, le=256)
     kv_cache_tokens: int | None = Field(default=None, ge=16)
+    idle_kv_tokens: int | None = Field(default=None, ge=0)
     max_queue: int | None = Field(default=None, ge=0, le=10_000)
 
 
@@ -110,6 +111,11 @@ class ServingSettings(BaseModel):
     # None: the model's context (llama.cpp allocates it at load; PyTorch caches grow with use up to it).
     # Finished sequences' KV stays in the pool for prompts sharing its prefix until the room is needed.
     kv_cache_tokens: int | None = Field(default=None, ge=16)
+    # KV positions that finished sequences may keep in the pool for later prompts sharing their prefix (a
+    # system prompt, a conversation's history); past it the least recently used entries go at once. In
+    # llama.cpp's unified KV every held cell widens every decode step's attention: 4,800 idle cells took 8
+    # decoding rows from 79 to 30 tok/s on the default model. 0 turns the prefix cache off between requests.
+    idle_kv_tokens: int = Field(default=2048, ge=0, description="KV positions finished sequences keep for reuse")
     max_queue: int = Field(default=32, ge=0, le=10_000, description="requests waiting for room before 429")
     profiles: dict[str, ServingPolicy] = Field(default_factory=dict)
 
@@ -199,6 +205,7 @@ class Settings(BaseSettings):
             scheduler=over.scheduler or d.scheduler,
             max_num_seqs=over.max_num_seqs or (spec.max_concurrency if "max_concurrency" in legacy else d.max_num_seqs),
             kv_cache_tokens=over.kv_cache_tokens or d.kv_cache_tokens,
+            idle_kv_tokens=over.idle_kv_tokens if over.idle_kv_tokens is not None else d.idle_kv_tokens,
             max_queue=over.max_queue if over.max_queue is not None else (
                 spec.max_queue if "max_queue" in legacy else d.max_queue),
         )
@@ -208,6 +215,7 @@ class ResolvedServing(BaseModel):
     scheduler: Scheduler
     max_num_seqs: int
     kv_cache_tokens: int | None
+    idle_kv_tokens: int = 2048
     max_queue: int
 
 

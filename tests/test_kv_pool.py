@@ -229,6 +229,32 @@ def test_idle_prefix_entries_are_evicted_least_recently_used_first() -> None:
     assert cached(again_a) >= len(a)
 
 
+def test_idle_entries_hold_at_most_idle_kv_tokens_and_the_newest_stay() -> None:
+    engine = FakeEngine()
+    core = make_core(engine, max_seqs=2, kv_tokens=512, prefix_slots=4, idle_kv_tokens=40)
+    model = engine.batches[0]
+    system = ids_of("system prompt ")  # 14 tokens shared by the two chats below
+    long = ids_of("a long document nobody asks about again " * 2)  # 80 tokens: more than the bound alone
+    try:
+        asyncio.run(run_one(core, GenerationRequest(long, greedy(4))))
+        after_long = model.used_tokens()  # dropped as soon as it finished: it alone is over the bound
+        asyncio.run(run_one(core, GenerationRequest(system + ids_of("one"), greedy(4))))
+        asyncio.run(run_one(core, GenerationRequest(system + ids_of("two"), greedy(4))))
+        held = model.used_tokens()
+        warm = asyncio.run(run_one(core, GenerationRequest(system + ids_of("three"), greedy(4))))
+        unbounded = make_core(FakeEngine(), max_seqs=2, kv_tokens=512, prefix_slots=4)
+        try:
+            asyncio.run(run_one(unbounded, GenerationRequest(long, greedy(4))))
+            kept = unbounded.model.used_tokens()
+        finally:
+            unbounded.close()
+    finally:
+        core.close()
+    assert after_long == 0 and kept == len(long) + 3  # without a bound it stays (the last token is never fed)
+    assert 0 < held <= 40  # the two chats share the system prompt's cells: both fit
+    assert cached(warm) >= len(system)
+
+
 def test_a_flood_of_distinct_prompts_never_holds_more_than_the_pool() -> None:
     engine = FakeEngine()
     core = make_core(engine, kv_tokens=96)

@@ -12,8 +12,9 @@ Each iteration of the scheduler:
    by its own `DecodeState` (seeded RNG, stop strings, logprobs, capture top-k);
 5. hands the steps to the event loop in one call.
 
-KV pool: every slot may grow to the model's context while the pool has room. Before a forward, room is
-made by evicting idle prefix entries (least recently used first), then by preempting the newest running
+KV pool: every slot may grow to the model's context while the pool has room. Finished sequences' KV stays
+as idle prefix entries up to `idle_kv_tokens` positions (least recently used first out). Before a forward,
+room is made by evicting idle prefix entries (least recently used first), then by preempting the newest running
 sequence: its KV is dropped and it waits in its arrival place; when it starts again it recomputes its
 prompt and the tokens it had fed (with the prefix cache's help) and decodes on with the same decode state
 (sampler RNG, stop text), so no generation ever fails or stalls for lack of KV, and the oldest one waiting
@@ -135,6 +136,7 @@ class BatchingCore:
         self, name: str, engine: Engine, *, max_seqs: int, slot_capacity: int, kv_tokens: int | None = None,
         max_queue: int, observers: list[Observer] | None = None,
         on_queue_time: Callable[[float], None] | None = None, probe: bool = True, prefix_slots: int | None = None,
+        idle_kv_tokens: int | None = None,
     ) -> None:
         self.name = name
         self.tokenizer = engine
@@ -146,6 +148,7 @@ class BatchingCore:
         self.observers = list(observers or [])
         self.max_running = max_seqs
         self.kv_budget = self.model.pool_tokens
+        self.idle_kv_tokens = idle_kv_tokens  # None: idle entries stay until the room is needed
         # Admission counts sequences only: the pool is managed by what sequences actually hold (a sequence
         # starts when its uncached prompt fits; one is preempted when decoding runs out of room).
         self.admission = Admission(name, max_seqs=self.max_running, kv_tokens=self.max_running * self.context_length,
@@ -570,7 +573,20 @@ class BatchingCore:
         seq.pending = None
         if seq in self._running:
             self._running.remove(seq)
+        self._trim_idle()
         out.append((seq, _END))
+
+    def _idle_cells(self) -> int:
+        """KV positions held by idle entries alone (cells a running sequence shares are not counted)."""
+        running = [s.slot for s in self._running if s.slot is not None and s.lane is None]
+        return self.model.used_tokens() - self.model.used_tokens(running)
+
+    def _trim_idle(self) -> None:
+        """Drop least recently used idle entries until they hold at most `idle_kv_tokens` positions."""
+        if self.idle_kv_tokens is None:
+            return
+        while self._idle and self._idle_cells() > self.idle_kv_tokens:
+            self._evict_idle(set())
 
     def _deliver(self, out: list[tuple[_Seq, object]]) -> None:
         """Hand this iteration's steps to the event loop(s) in one call each; `_END` also returns the share."""

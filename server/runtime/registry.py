@@ -108,7 +108,7 @@ def make_core(rt: ProfileRuntime, engine: Engine, metrics: Metrics, capture: Cap
     observer = capture.observer(rt.name, engine, rt.built)
     return BatchingCore(
         rt.name, engine, max_seqs=seqs, slot_capacity=ctx, kv_tokens=s.kv_cache_tokens or ctx,
-        max_queue=s.max_queue, observers=[observer] if observer else [],
+        idle_kv_tokens=s.idle_kv_tokens, max_queue=s.max_queue, observers=[observer] if observer else [],
         on_queue_time=metrics.queue_time.labels(rt.name).observe,
     )
 
