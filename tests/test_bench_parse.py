@@ -52,6 +52,31 @@ def test_parse_chunk_completions_usage_and_errors() -> None:
     assert bench.parse_chunk("[DONE]", "chat").done
 
 
+def test_usage_chunk_gives_prompt_and_cached_tokens() -> None:
+    usage = ('{"choices":[],"usage":{"prompt_tokens":900,"completion_tokens":3,'
+             '"prompt_tokens_details":{"cached_tokens":807}}}')
+    info = bench.parse_chunk(usage, "chat")
+    assert (info.completion_tokens, info.prompt_tokens, info.cached_tokens) == (3, 900, 807)
+    plain = bench.parse_chunk('{"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":3}}', "chat")
+    assert plain.prompt_tokens == 5 and plain.cached_tokens is None  # a server that does not report it
+    rec = bench.RequestRecord(t_start=0.0)
+    events = ['{"choices":[{"index":0,"delta":{"content":"Hi"}}]}',
+              '{"choices":[{"index":0,"delta":{"content":" there"},"finish_reason":"stop"}]}', usage, "[DONE]"]
+    assert bench.consume_events(rec, events, "chat", 1.0)
+    assert rec.text == "Hi there" and rec.prompt_tokens == 900 and rec.cached_tokens == 807
+
+
+def test_workload_prompts_are_deterministic_and_distinct_where_they_must_be() -> None:
+    import random
+
+    from shrinkserve.server.tools import workloads
+
+    a, b = workloads.prose(random.Random(1), 50), workloads.prose(random.Random(1), 50)
+    assert a == b and len(a.split()) == 50
+    assert workloads.prose(random.Random(2), 50) != a
+    assert len({workloads.question(i) for i in range(40)}) == 40
+
+
 def test_record_statistics() -> None:
     # Chunks at 0.5, 0.6, 0.8 s after start; usage says 5 tokens (a server may batch tokens per chunk).
     rec = bench.RequestRecord(t_start=10.0, chunk_times=[10.5, 10.6, 10.8], usage_tokens=5)

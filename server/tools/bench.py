@@ -4,6 +4,8 @@ Sends `requests` streaming chat/completions requests with at most `concurrency` 
 from the client's side of the socket, what a user would feel: time to first token (TTFT), inter-token
 latency (ITL), per-stream decode speed and aggregate throughput. `--sweep 1,2,4,8,16` runs one level
 after another and prints them as one table; `--pid` samples the server's RSS during each level.
+`--workload shared-prefix|multi-turn|long-prompt|distinct` runs one of the KV-reuse workloads of
+`shrinkserve.server.tools.workloads` instead of the one repeated prompt.
 
 Usage: ``shrinkserve bench --url http://host:8000/v1 --model NAME [--sweep 1,2,4,8,16]`` (also
 ``python -m shrinkserve.server.tools.bench``); any OpenAI-compatible server works.
@@ -113,6 +115,8 @@ class ChunkInfo:
 
     text: str = ""
     completion_tokens: int | None = None
+    prompt_tokens: int | None = None
+    cached_tokens: int | None = None  # usage.prompt_tokens_details.cached_tokens, where the server reports it
     finish_reason: str | None = None
     error: str | None = None
     done: bool = False
@@ -134,6 +138,11 @@ def parse_chunk(data: str, api: Api) -> ChunkInfo:
     usage = obj.get("usage")
     if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
         info.completion_tokens = usage["completion_tokens"]
+        if isinstance(usage.get("prompt_tokens"), int):
+            info.prompt_tokens = usage["prompt_tokens"]
+        details = usage.get("prompt_tokens_details")
+        if isinstance(details, dict) and isinstance(details.get("cached_tokens"), int):
+            info.cached_tokens = details["cached_tokens"]
     # The include_usage chunk has `choices: []`; the text lives in the first choice (n=1 always here).
     choices = obj.get("choices") or []
     if choices and isinstance(choices[0], dict):
@@ -158,6 +167,9 @@ class RequestRecord:
     t_start: float
     chunk_times: list[float] = field(default_factory=list)  # arrival of each non-empty text chunk
     usage_tokens: int | None = None
+    prompt_tokens: int | None = None
+    cached_tokens: int | None = None
+    text: str = ""  # the generated text (a multi-turn workload sends it back as the assistant's turn)
     finish_reason: str | None = None
     t_end: float | None = None
     error: str | None = None
@@ -199,10 +211,13 @@ def consume_events(record: RequestRecord, events: Iterable[str], api: Api, now: 
             return True
         if info.completion_tokens is not None:
             record.usage_tokens = info.completion_tokens
+            record.prompt_tokens = info.prompt_tokens
+            record.cached_tokens = info.cached_tokens
         if info.finish_reason:
             record.finish_reason = info.finish_reason
         if info.text:
             record.chunk_times.append(now)
+            record.text += info.text
     return False
 
 
@@ -531,12 +546,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ignore-eos", action="store_true", help='send "ignore_eos": true (not OpenAI)')
     p.add_argument("--timeout", type=float, default=600.0, help="per-request timeout in s (default: 600)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--workload", choices=["standard", "shared-prefix", "multi-turn", "long-prompt", "distinct"],
+                   default="standard", help="standard: one repeated prompt (the options above); the others are "
+                   "described in the docstring of shrinkserve/server/tools/workloads.py (default: %(default)s)")
+    p.add_argument("--waves", type=int, default=3, help="shared-prefix: waves of --concurrency chats (default: 3)")
+    p.add_argument("--turns", type=int, default=6, help="multi-turn: turns per conversation (default: 6)")
+    p.add_argument("--long-words", type=int, default=5400,
+                   help="long-prompt: words in the long prompt (~1.1 tokens each; default: 5400)")
     return p
+
+
+def run_workload_cli(args: argparse.Namespace) -> int:
+    """One KV-reuse workload (--max-tokens applies to its requests; 32 suits the question workloads)."""
+    from shrinkserve.server.tools.workloads import WorkloadOptions, format_workload, run_workload
+
+    o = WorkloadOptions(model=args.model, concurrency=args.concurrency, max_tokens=args.max_tokens,
+                        ignore_eos=args.ignore_eos, waves=args.waves, turns=args.turns, long_words=args.long_words)
+    try:
+        result = asyncio.run(run_workload(args.base_url, args.workload, o, timeout=args.timeout, warmup=args.warmup))
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result.to_dict(), indent=2) if args.json else format_workload(result, args.model))
+    return 0 if result.summary.requests_failed == 0 else 1
 
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point. Exit code 0 when every counted request succeeded, 1 otherwise."""
     args = build_parser().parse_args(argv)
+    if args.workload != "standard":
+        return run_workload_cli(args)
     levels = args.sweep or [args.concurrency]
 
     async def run_all() -> list[BenchResult]:
