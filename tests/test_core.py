@@ -365,9 +365,11 @@ def test_finished_generations_reach_observers(engine: FakeEngine) -> None:
     req = GenerationRequest(prompt, greedy(max_tokens=10), capture_top_k=3)
     try:
         asyncio.run(run_one(core, req))
+        engine.script(prompt, [*ids_of("ok"), EOS])
+        asyncio.run(run_one(core, GenerationRequest(prompt, greedy(max_tokens=10))))
     finally:
         core.close()
-    (fin,) = seen
+    (fin,) = seen  # the request admitted without capture (capture_top_k 0) reached no observer
     assert fin.completion_ids == [*ids_of("ok"), EOS] and fin.finish_reason == "stop"
     assert len(fin.sampled_logprobs) == len(fin.topk) == 3
     assert all(len(k) == 3 and k[0][1] >= k[-1][1] for k in fin.topk)

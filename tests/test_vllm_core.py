@@ -119,7 +119,9 @@ def test_sampler_parameters_reach_vllm_none_dropped(core: VllmCore, tmp_path: Pa
 def test_our_eos_ends_the_generation_and_is_counted_not_listed(core: VllmCore) -> None:
     got: list[FinishedGeneration] = []
     core.observers.append(got.append)
-    steps = asyncio.run(run(core, request("abc", 10)))
+    req = request("abc", 10)
+    req.capture_top_k = 1  # captured: the finished generation reaches the observer
+    steps = asyncio.run(run(core, req))
     assert text(steps) == "bc" and steps[-1].finish_reason == "stop"
     assert sum(s.n_tokens for s in steps) == 3 and [t.id for s in steps for t in s.tokens] == [2, 3]
     assert got[0].completion_ids == [2, 3, EOS] and got[0].finish_reason == "stop"

@@ -232,7 +232,7 @@ class VllmCore:
 
     async def generate(self, ticket: Ticket, req: GenerationRequest) -> AsyncIterator[Step]:
         await ticket.acquire()
-        state = _Stream(req, self.tokenizer, record=bool(self.observers))
+        state = _Stream(req, self.tokenizer, record=bool(self.observers) and req.capture_top_k > 0)
         gen = _Generation(req)
         self._active.add(gen)
         pump: asyncio.Task[None] | None = None
@@ -278,7 +278,7 @@ class VllmCore:
                     gen.produced += step.n_tokens
                     yield step
                 if state.finish_reason is not None:
-                    if self.observers and state.finish_reason in ("stop", "length"):
+                    if state.record and state.finish_reason in ("stop", "length"):
                         finished = state.finished_generation(self.name)
                         for observe in self.observers:
                             observe(finished)

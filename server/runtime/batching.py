@@ -344,7 +344,10 @@ class BatchingCore:
         tokens do not fit yet, with room for the `running` sequences to decode while it prefills."""
         model = self.model
         if seq.state is None:
-            seq.state = DecodeState(seq.req, self.tokenizer, capacity=self.context_length, record=bool(self.observers))
+            # Captured or not was decided at admission (`capture_top_k`): a row nobody records does no
+            # log-softmax or top-k over the vocabulary.
+            record = bool(self.observers) and seq.req.capture_top_k > 0
+            seq.state = DecodeState(seq.req, self.tokenizer, capacity=self.context_length, record=record)
             seq.feed = list(seq.req.prompt_ids)
         if seq.solo and self.batch_invariant is False and not seq.looked_up and self._take_lane(seq):
             return True
@@ -540,7 +543,7 @@ class BatchingCore:
         self._emit(seq, step, out)
         seq.pending = token
         if token is None:
-            if self.observers and step.finish_reason in ("stop", "length"):
+            if seq.state.record and step.finish_reason in ("stop", "length"):
                 finished = seq.state.finished_generation(self.name)
                 for observe in self.observers:
                     observe(finished)

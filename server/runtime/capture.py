@@ -81,6 +81,7 @@ class CaptureObserver:
         self.teacher = teacher
 
     def __call__(self, fin: FinishedGeneration) -> None:
-        # The route's opt-out is checked here too: the core records every generation of a captured profile.
-        if fin.completion_ids and self.capture.writer.wants(fin.profile, fin.route):
+        # Cores call observers only for requests admitted with capture_top_k > 0: the profile and route
+        # rule (`CaptureQueue.top_k`) was applied once, at admission.
+        if fin.completion_ids:
             self.capture.put(fin, self.teacher)
