@@ -1,4 +1,4 @@
-"""`VllmCore` (server/engines/vllm_core.py) against tests/fake_vllm: the EngineCore contract for a vLLM child.
+"""`VllmCore` (server/runtime/vllm_core.py) against tests/fake_vllm: the EngineCore contract for a vLLM child.
 
 The fake server streams `prompt[i % len] + 1` as token ids; a small fake tokenizer (the 32-token vocabulary of
 tests/fake_engine.py, EOS = "d") turns them into text. So every rule the core adds on top of vLLM's stream —
@@ -19,7 +19,6 @@ import pytest
 
 from shrinkserve.compression.engine_options import VllmOptions
 from shrinkserve.server.engines.base import Tokenizer
-from shrinkserve.server.engines.vllm_core import VllmCore
 from shrinkserve.server.engines.vllm_process import VllmProcess
 from shrinkserve.server.runtime.types import (
     Busy,
@@ -32,6 +31,7 @@ from shrinkserve.server.runtime.types import (
     Unavailable,
     Unsupported,
 )
+from shrinkserve.server.runtime.vllm_core import VllmCore
 from tests.fake_engine import PIECES, ids_of
 
 FAKE = Path(__file__).resolve().parent / "fake_vllm"

@@ -244,8 +244,8 @@ class Registry:
         the scored artifact (top-1 agreement) and measure its decode speed. Returns the quality record."""
         from shrinkserve.server.engines.device import GpuPool, probe_cuda, select_device
         from shrinkserve.server.engines.hf_tokenizer import HfTokenizer
-        from shrinkserve.server.engines.vllm_core import VllmCore
         from shrinkserve.server.engines.vllm_process import VllmProcess
+        from shrinkserve.server.runtime.vllm_core import VllmCore
 
         spec = rt.spec
         device = select_device(spec.device, spec.dtype, "dense", probe_cuda()).device
