@@ -15,9 +15,10 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter
 from pydantic import ValidationError
 
-from shrinkserve.server.api import protocol as P
-from shrinkserve.server.api.errors import APIError, param_path, validation_error
+from shrinkserve.server.api.errors import param_path, validation_error
 from shrinkserve.server.api.middleware import ApiGate, Authenticator
+from shrinkserve.server.protocol import openai as P
+from shrinkserve.server.protocol.errors import APIError
 from shrinkserve.server.runtime.batching import BatchingCore
 from shrinkserve.server.runtime.decode import DecodeState
 from shrinkserve.server.runtime.metrics import Metrics

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from shrinkserve.server.api import protocol as P
+from shrinkserve.server.protocol import openai as P
 from shrinkserve.server.serving.sse import TextChunks, sse_data
 
 

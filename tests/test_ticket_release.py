@@ -18,8 +18,8 @@ import pytest
 from starlette.requests import ClientDisconnect
 
 from shrinkserve.server.api.deps import unless_disconnected
-from shrinkserve.server.api.errors import ClientGone
 from shrinkserve.server.api.openai import RunStream
+from shrinkserve.server.protocol.errors import ClientGone
 from shrinkserve.server.runtime.batching import BatchingCore
 from shrinkserve.server.runtime.metrics import Metrics
 from shrinkserve.server.runtime.types import SamplingParams

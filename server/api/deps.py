@@ -11,7 +11,7 @@ from typing import ParamSpec, TypeVar
 
 from fastapi import Request
 
-from shrinkserve.server.api.errors import APIError, ClientGone
+from shrinkserve.server.protocol.errors import APIError, ClientGone
 from shrinkserve.server.runtime.registry import NotServed, ProfileRuntime, Registry, UnknownProfile
 
 P = ParamSpec("P")

@@ -14,21 +14,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from shrinkserve.server.api.protocol import ErrorBody, ErrorResponse
+from shrinkserve.server.protocol.errors import APIError, bad_request
 
 log = logging.getLogger("shrinkserve.api")
-
-_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    404: "not_found_error",
-    405: "invalid_request_error",
-    413: "invalid_request_error",
-    429: "rate_limit_error",
-    499: "client_closed_request",
-    500: "server_error",
-    503: "service_unavailable_error",
-}
 
 
 class SafeJSONResponse(JSONResponse):
@@ -40,43 +28,8 @@ class SafeJSONResponse(JSONResponse):
             "utf-8", errors="replace")
 
 
-class APIError(Exception):
-    """An error to return to the client as `{"error": {...}}`."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        param: str | None = None,
-        code: str | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.param = param
-        self.code = code
-        self.headers = headers
-
-    def body(self) -> dict:
-        err = ErrorBody(message=self.message, type=_TYPES.get(self.status, "api_error"), param=self.param,
-                        code=self.code)
-        return ErrorResponse(error=err).model_dump()
-
-    def response(self) -> JSONResponse:
-        return SafeJSONResponse(self.body(), status_code=self.status, headers=self.headers)
-
-
-class ClientGone(APIError):
-    """The client closed the connection before the answer: nobody reads this, it only counts as 499."""
-
-    def __init__(self) -> None:
-        super().__init__(499, "client closed the request", code="client_closed_request")
-
-
-def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
-    return APIError(400, message, param=param, code=code)
+def error_response(exc: APIError) -> JSONResponse:
+    return SafeJSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
 
 def not_ready(profile: str, why: str) -> APIError:
@@ -167,15 +120,15 @@ def validation_error(errors: Sequence[Mapping[str, Any]]) -> APIError:
 def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return exc.response()
+        return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         body = exc.body
         if isinstance(body, dict) and isinstance(body.get("model"), str) and "profile" not in request.state._state:
             request.state.profile = body["model"]  # the request counter's label, when it names a profile
-        return validation_error(exc.errors()).response()
+        return error_response(validation_error(exc.errors()))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return APIError(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None)).response()
+        return error_response(APIError(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None)))

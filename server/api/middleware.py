@@ -24,8 +24,9 @@ from prometheus_client import Counter
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from shrinkserve.server.api.errors import APIError
+from shrinkserve.server.api.errors import error_response
 from shrinkserve.server.lifecycle import Lifecycle
+from shrinkserve.server.protocol.errors import APIError
 
 log = logging.getLogger("shrinkserve.api")
 
@@ -166,7 +167,7 @@ class ApiGate:
 
     @staticmethod
     async def _reject(scope: Scope, receive: Receive, send: Send, error: APIError) -> None:
-        await error.response()(scope, receive, send)
+        await error_response(error)(scope, receive, send)
 
 
 def _headers(scope: Scope) -> Mapping[bytes, bytes]:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from fastapi import APIRouter, FastAPI, Request
 
-from shrinkserve.server.api import protocol as P
 from shrinkserve.server.api.deps import label, profile_runtime
 from shrinkserve.server.api.services import Services
+from shrinkserve.server.protocol import openai as P
 from shrinkserve.server.runtime.registry import ProfileRuntime
 
 

@@ -16,9 +16,9 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from shrinkserve.server.api import protocol as P
 from shrinkserve.server.api.deps import label, ready_profile, run_cpu, unless_disconnected
 from shrinkserve.server.api.services import Services
+from shrinkserve.server.protocol import openai as P
 from shrinkserve.server.serving import base, chat, completions, responses
 from shrinkserve.server.serving.sse import sse_events
 

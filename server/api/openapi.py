@@ -12,7 +12,7 @@ from fastapi.openapi.utils import get_openapi
 from pydantic.json_schema import models_json_schema
 
 from shrinkserve.server.api.middleware import ALWAYS_OPEN, DOCS
-from shrinkserve.server.api.protocol import ErrorResponse
+from shrinkserve.server.protocol.openai import ErrorResponse
 
 STREAMING = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
 GENERATING = STREAMING

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from fastapi import APIRouter, FastAPI, Request
 
-from shrinkserve.server.api import protocol as P
 from shrinkserve.server.api.deps import label, ready_profile, run_cpu
-from shrinkserve.server.api.errors import APIError
 from shrinkserve.server.api.services import Services
+from shrinkserve.server.protocol import openai as P
+from shrinkserve.server.protocol.errors import APIError
 from shrinkserve.server.runtime.registry import ProfileRuntime
 from shrinkserve.server.serving.base import client_errors, context_of, tokenizer_of
 from shrinkserve.server.serving.chat import render_prompt, tool_setup

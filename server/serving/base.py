@@ -17,9 +17,9 @@ from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
-from shrinkserve.server.api import protocol as P
-from shrinkserve.server.api.errors import APIError, bad_request
 from shrinkserve.server.engines.base import Tokenizer
+from shrinkserve.server.protocol import openai as P
+from shrinkserve.server.protocol.errors import APIError, bad_request
 from shrinkserve.server.runtime.core import Ticket
 from shrinkserve.server.runtime.grammar import GrammarError
 from shrinkserve.server.runtime.logits_processors import LogitsParamsError, logits_params_from_request

@@ -14,9 +14,9 @@ import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
-from shrinkserve.server.api import protocol as P
-from shrinkserve.server.api.errors import bad_request
 from shrinkserve.server.engines.base import Tokenizer
+from shrinkserve.server.protocol import openai as P
+from shrinkserve.server.protocol.errors import bad_request
 from shrinkserve.server.runtime.registry import ProfileRuntime
 from shrinkserve.server.runtime.types import TokenInfo
 from shrinkserve.server.serving.base import (

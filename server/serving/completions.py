@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncGenerator
 
-from shrinkserve.server.api import protocol as P
+from shrinkserve.server.protocol import openai as P
 from shrinkserve.server.runtime.registry import ProfileRuntime
 from shrinkserve.server.runtime.types import TokenInfo
 from shrinkserve.server.serving.base import (

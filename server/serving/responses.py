@@ -18,8 +18,8 @@ import uuid
 from collections.abc import AsyncGenerator
 from typing import Any
 
-from shrinkserve.server.api import protocol as P
-from shrinkserve.server.api.errors import APIError, bad_request
+from shrinkserve.server.protocol import openai as P
+from shrinkserve.server.protocol.errors import APIError, bad_request
 from shrinkserve.server.runtime.types import TokenInfo
 from shrinkserve.server.serving.base import Outcome, Run
 from shrinkserve.server.serving.chat import ChatPlan

@@ -8,7 +8,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 
 from pydantic import BaseModel
 
-from shrinkserve.server.api.errors import APIError
+from shrinkserve.server.protocol.errors import APIError
 
 log = logging.getLogger("shrinkserve.sse")
 

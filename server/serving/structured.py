@@ -16,8 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from shrinkserve.server.api import protocol as P
 from shrinkserve.server.engines.base import Tokenizer
+from shrinkserve.server.protocol import openai as P
 from shrinkserve.server.runtime.grammar import (
     JSON_OPTIONS,
     GrammarError,
