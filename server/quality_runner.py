@@ -9,6 +9,7 @@ profile is rejected like a failed gate: vLLM would not be serving what was score
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import logging
@@ -30,7 +31,7 @@ from shrinkserve.compression.quality import (
     task_score,
 )
 from shrinkserve.compression.scoring import chunked_logprobs
-from shrinkserve.server.engines.base import Engine
+from shrinkserve.server.engines.base import CPU, Engine
 
 log = logging.getLogger("shrinkserve.quality")
 
@@ -47,8 +48,11 @@ class Evaluator:
     own traffic against its teacher (`record["traffic"]`): what it was trained to match."""
 
     def __init__(self, builder: ProfileBuilder, evalset: EvalSet, threads: int, *,
-                 traffic_tokens: int | None = 4096) -> None:
+                 traffic_tokens: int | None = 4096, background: bool = False) -> None:
         self.builder = builder
+        # In the server, every forward of an evaluation yields to the requests being served (CpuBudget).
+        self.background = background
+        self.current: str | None = None  # the profile being evaluated now
         self.evalset = evalset
         self.threads = threads
         self.traffic_tokens = traffic_tokens
@@ -111,37 +115,45 @@ class Evaluator:
             if progress is not None:
                 progress(n)
 
-        with self._lock:
-            if self._stop.is_set():
-                raise EvaluationCancelled(name)
-            ref_path, reference = self._reference_for(name)
-            log.info("evaluating profile %s against %s", name, ref_path)
-            if ref_path not in self._reference_task_score:
-                self._reference_task_score[ref_path] = task_score(reference, self.evalset.tasks, tick)
-            else:
-                tick(len(self.evalset.tasks))
-            scorer = Scorer(engine)
+        with self._lock, (CPU.background() if self.background else contextlib.nullcontext()):
+            self.current = name
             try:
-                record = evaluate(scorer, reference, self.evalset, progress=tick,
-                                  reference_task_score=self._reference_task_score[ref_path])
+                return self._run(name, built, spec, engine, resident_bytes, tick)
             finally:
-                scorer.close()
-            if spec.heldout_traffic:
-                record["traffic"] = self._traffic(name, engine, tick)
-            record.update(bytes=built.bytes, resident_bytes=resident_bytes, method=spec.method,
-                          variant=quality_store.variant(spec))
-            if spec.engine == "vllm":
-                record["scored_by"] = f"torch ({getattr(engine, 'device', 'cpu')}, {spec.dtype})"
-                record["engine_check"] = engine_check_reference(engine, self.evalset)
-            quality_store.save(self.builder.cache, spec, record, key=built.key, path=built.path)
-            log.info("profile %s: ppl %.3f (x%.3f), KL %.4f, top-1 %.3f, tasks %.2f, %.1f tok/s", name,
-                     record["perplexity"], record["ppl_ratio"], record["kl"], record["top1"], record["task_score"],
-                     record["decode_tokens_per_s"])
-            if record.get("traffic"):
-                t = record["traffic"]
-                log.info("profile %s on %d held-out traffic tokens: KL %.4f (hardest 10%%: %.4f), top-1 %.3f", name,
-                         t["tokens"], t["kl"], t["kl_hard10"], t["top1"])
-            return record
+                self.current = None
+
+    def _run(self, name: str, built: BuiltProfile, spec: ProfileSpec, engine: Engine, resident_bytes: int | None,
+             tick: Progress) -> dict[str, Any]:
+        if self._stop.is_set():
+            raise EvaluationCancelled(name)
+        ref_path, reference = self._reference_for(name)
+        log.info("evaluating profile %s against %s", name, ref_path)
+        if ref_path not in self._reference_task_score:
+            self._reference_task_score[ref_path] = task_score(reference, self.evalset.tasks, tick)
+        else:
+            tick(len(self.evalset.tasks))
+        scorer = Scorer(engine)
+        try:
+            record = evaluate(scorer, reference, self.evalset, progress=tick,
+                              reference_task_score=self._reference_task_score[ref_path])
+        finally:
+            scorer.close()
+        if spec.heldout_traffic:
+            record["traffic"] = self._traffic(name, engine, tick)
+        record.update(bytes=built.bytes, resident_bytes=resident_bytes, method=spec.method,
+                      variant=quality_store.variant(spec))
+        if spec.engine == "vllm":
+            record["scored_by"] = f"torch ({getattr(engine, 'device', 'cpu')}, {spec.dtype})"
+            record["engine_check"] = engine_check_reference(engine, self.evalset)
+        quality_store.save(self.builder.cache, spec, record, key=built.key, path=built.path)
+        log.info("profile %s: ppl %.3f (x%.3f), KL %.4f, top-1 %.3f, tasks %.2f, %.1f tok/s", name,
+                 record["perplexity"], record["ppl_ratio"], record["kl"], record["top1"], record["task_score"],
+                 record["decode_tokens_per_s"])
+        if record.get("traffic"):
+            t = record["traffic"]
+            log.info("profile %s on %d held-out traffic tokens: KL %.4f (hardest 10%%: %.4f), top-1 %.3f", name,
+                     t["tokens"], t["kl"], t["kl_hard10"], t["top1"])
+        return record
 
     def _traffic(self, name: str, engine: Engine, tick: Progress) -> dict[str, Any] | None:
         """KL / top-1 against the student's teacher (float32, PyTorch engine) on the held-out split of the

@@ -520,3 +520,32 @@ def test_a_shared_forward_carries_at_most_one_chunk_of_prompt_tokens(engine: Fak
         prompt_tokens = sum(n for _, n in f if n > 1)
         assert prompt_tokens <= engine.max_batch, str(f)
         assert sum(n for _, n in f) <= engine.max_batch + 6, str(f)
+
+
+def test_background_forwards_wait_for_traffic_and_foreground_never_waits_for_them() -> None:
+    from shrinkserve.server.engines.base import CpuBudget
+
+    cpu = CpuBudget(2)
+    busy = threading.Event()
+    busy.set()
+    cpu.busy = busy.is_set
+    ran = threading.Event()
+
+    def evaluation() -> None:
+        with cpu.background(), cpu.use(2):
+            ran.set()
+
+    worker = threading.Thread(target=evaluation)
+    worker.start()
+    time.sleep(0.2)
+    assert not ran.is_set()  # requests in flight: the background forward waits
+    t0 = time.perf_counter()
+    with cpu.use(2):  # a request's forward goes first, at once
+        assert time.perf_counter() - t0 < 0.05
+        busy.clear()
+        time.sleep(0.2)
+        assert not ran.is_set()  # nothing in flight any more, but a forward still holds the cores
+    worker.join(timeout=2)
+    assert ran.is_set()
+    with cpu.use(1):  # outside background(), the same thread is foreground again
+        pass

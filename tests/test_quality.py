@@ -78,13 +78,16 @@ def test_gate_rejects_a_broken_profile_and_serves_the_rest(cache_dir: Path, tmp_
         assert cards["q2_k"]["state"] == "rejected" and cards["q2_k"]["gate"]["passed"] is False
         assert cards["base-f32"]["gate"]["passed"] is True
 
+        assert cards["base-f32"]["quality_status"] == cards["q2_k"]["quality_status"] == "measured"
         # q8_0 has no gate: it was ready at once and is measured in the background
+        assert cards["q8_0"]["quality_status"] in ("pending", "evaluating", "measured")
+        assert (cards["q8_0"]["quality"] is None) == (cards["q8_0"]["quality_status"] != "measured")
         deadline = time.monotonic() + 600
         while cards["q8_0"]["quality"] is None and time.monotonic() < deadline:
             time.sleep(2)
             cards = {c["id"]: c for c in httpx.get(proc.url + "/v1/models").json()["data"]}
         q8 = cards["q8_0"]["quality"]
-        assert q8 is not None, proc.log()
+        assert q8 is not None and cards["q8_0"]["quality_status"] == "measured", proc.log()
         assert q8["kl"] < broken["kl"] / 5 and q8["top1"] > broken["top1"] and q8["ppl_ratio"] < 1.05
 
         kl = metric_samples(proc.url, "shrinkserve_quality_kl_divergence")

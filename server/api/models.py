@@ -17,7 +17,7 @@ def model_card(svc: Services, rt: ProfileRuntime) -> P.ModelCard:
         id=rt.name, created=svc.started, root=rt.spec.base or "", method=rt.spec.method, engine=rt.spec.engine or "",
         state=rt.state, error=rt.error, bytes_on_disk=built.bytes if built else None,
         resident_memory_bytes=rt.resident_bytes, context_length=ctx, max_model_len=ctx, routes=rt.routes,
-        quality=rt.quality, gate=gate_status(rt),
+        quality=rt.quality, quality_status=svc.registry.quality_status(rt), gate=gate_status(rt),
     )
 
 

@@ -259,6 +259,10 @@ class CpuBudget:
     torch's thread count is process-global (measured: `torch.set_num_threads` in one thread changes
     what every other thread's ops use). So a forward first takes as many units as it runs threads;
     forwards of one `group` (torch) run concurrently only with the same thread count (`tag`).
+
+    A thread inside `background()` (quality evaluation in the server) runs a forward only while no forward
+    holds or waits for units and `busy()` (set by the server: requests admitted or queued) is false, so
+    traffic never queues behind background work; a background forward already running is not interrupted.
     """
 
     def __init__(self, total: int) -> None:
@@ -267,6 +271,18 @@ class CpuBudget:
         self._used = 0
         self._queue: deque[object] = deque()
         self._tags: dict[str, tuple[int, int]] = {}  # group → (tag, holders)
+        self._local = threading.local()
+        self.busy: Callable[[], bool] = lambda: False
+
+    @contextmanager
+    def background(self) -> Iterator[None]:
+        """Forwards of this thread yield to every other forward and to `busy()` while inside."""
+        before = getattr(self._local, "background", False)
+        self._local.background = True
+        try:
+            yield
+        finally:
+            self._local.background = before
 
     def configure(self, total: int) -> None:
         with self._cond:
@@ -279,6 +295,10 @@ class CpuBudget:
         me = object()
         with self._cond:
             n = max(1, min(n, self.total))
+            if getattr(self._local, "background", False):
+                # busy() is outside this lock's knowledge: look again every 50 ms.
+                while self._queue or self._used or self.busy():
+                    self._cond.wait(0.05)
             self._queue.append(me)
 
             def can_go() -> bool:

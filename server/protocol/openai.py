@@ -845,6 +845,8 @@ class ModelCard(BaseModel):
     max_model_len: int | None = None
     routes: list[str] = Field(default_factory=list)
     quality: dict[str, Any] | None = None  # the evaluation record against the base; None until measured
+    # measured | evaluating | pending (it will be: evaluations run when requests leave the cores free) | off
+    quality_status: Literal["measured", "evaluating", "pending", "off"] = "off"
     gate: GateStatus | None = None
 
 

@@ -132,7 +132,8 @@ class Registry:
         metrics.core_gauges.source = self.stats
         self.capture = CaptureQueue(settings.capture, settings.profiles)
         self.evaluator = Evaluator(self.builder, settings.evaluation.evalset(), settings.threads,
-                                   traffic_tokens=settings.evaluation.traffic_tokens)
+                                   traffic_tokens=settings.evaluation.traffic_tokens, background=True)
+        CPU.busy = self.serving_busy  # evaluations run their forwards only while no request is in flight
         # vLLM children's own metrics, re-exported with the profile label (one relay for all of them).
         self.vllm_relay = None
         if any(p.engine == "vllm" for p in settings.profiles.values()):
@@ -145,6 +146,24 @@ class Registry:
         # Loading is measured by RSS deltas, so loads must not overlap.
         self._load_lock = threading.Lock()
         self._closed = False
+
+    def serving_busy(self) -> bool:
+        """Any request admitted or queued on any profile (read from other threads: a heuristic, no lock)."""
+        for rt in list(self.profiles.values()):
+            admission = getattr(rt.core, "admission", None)
+            if admission is not None and (admission.seqs_held or admission.waiting):
+                return True
+        return False
+
+    def quality_status(self, rt: ProfileRuntime) -> str:
+        """measured | evaluating | pending (will be measured once loaded and the cores leave room) | off."""
+        if rt.quality is not None:
+            return "measured"
+        if self.evaluator.current == rt.name:
+            return "evaluating"
+        if self.settings.evaluation.on_build and rt.state in ("pending", "building", "loading", "evaluating", "ready"):
+            return "pending"
+        return "off"
 
     # ---------------------------------------------------------------- lifecycle
 
