@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from shrinkserve.server.runtime.batching import BatchingCore, probe_batch_invariance
-from shrinkserve.server.runtime.decode import DecodeState, StopText
+from shrinkserve.server.runtime.decode import DecodeState
+from shrinkserve.server.runtime.output import StopText
 from shrinkserve.server.runtime.types import (
     Busy,
     Draining,

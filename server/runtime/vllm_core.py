@@ -37,14 +37,13 @@ from shrinkserve.server.engines.base import Tokenizer
 from shrinkserve.server.engines.vllm_client import CompletionChunk, TopLogprob, VllmClient, VllmRequestError
 from shrinkserve.server.engines.vllm_process import VllmProcess, VllmStartError
 from shrinkserve.server.runtime.core import Admission, Ticket
-from shrinkserve.server.runtime.decode import GenerationEnd, StopText
+from shrinkserve.server.runtime.output import OutputProcessor, token_info
 from shrinkserve.server.runtime.types import (
     CoreStats,
     FinishedGeneration,
     GenerationRequest,
     SamplingParams,
     Step,
-    TokenInfo,
     Unavailable,
     Unsupported,
 )
@@ -57,32 +56,12 @@ _END = object()
 _ABORT = object()
 
 
-def _info(tok: Tokenizer, token: int, logprob: float | None = None, top: list[TopLogprob] | None = None,
-          k: int = 0) -> TokenInfo:
-    raw = tok.token_bytes(token)
-    info = TokenInfo(token, raw.decode("utf-8", errors="replace"), raw)
-    if logprob is not None:
-        info.logprob = logprob
-        info.top = []
-        for alt in (top or [])[:k]:
-            alt_raw = tok.token_bytes(alt.token_id)
-            info.top.append(TokenInfo(alt.token_id, alt_raw.decode("utf-8", errors="replace"), alt_raw, alt.logprob))
-    return info
+def _top(top: list[TopLogprob] | None, k: int) -> list[tuple[int, float]]:
+    return [(t.token_id, t.logprob) for t in (top or [])[:k]]
 
 
-class _Stream(GenerationEnd):
+class _Stream(OutputProcessor):
     """vLLM's streamed tokens → our Steps, for one generation (the out-of-process twin of DecodeState)."""
-
-    def __init__(self, req: GenerationRequest, tok: Tokenizer, *, record: bool) -> None:
-        self.req = req
-        self.params = req.params
-        self.tok = tok
-        self.record = record
-        self.text = StopText(req.params.stop)
-        self.generated: list[int] = []
-        self.sampled_logprobs: list[float] = []
-        self.topk: list[list[tuple[int, float]]] = []
-        self.finish_reason: str | None = None
 
     @property
     def asked_logprobs(self) -> int | None:
@@ -102,10 +81,10 @@ class _Stream(GenerationEnd):
         ids = self.req.prompt_ids
         values = chunk.prompt_logprobs or [None] * len(ids)
         tops = chunk.prompt_top_logprobs or [[] for _ in ids]
-        infos = [_info(self.tok, ids[0])]
+        infos = [token_info(self.tok, ids[0])]
         for pos in range(1, len(ids)):
             lp = values[pos] if pos < len(values) else None
-            infos.append(_info(self.tok, ids[pos], lp if lp is not None else -math.inf, tops[pos], k))
+            infos.append(token_info(self.tok, ids[pos], lp if lp is not None else -math.inf, _top(tops[pos], k)))
         return Step("", prompt_logprobs=infos)
 
     def tokens(self, chunk: CompletionChunk) -> list[Step]:
@@ -116,32 +95,15 @@ class _Stream(GenerationEnd):
                 break
             lp = chunk.logprobs[i] if i < len(chunk.logprobs) else None
             top = chunk.top_logprobs[i] if i < len(chunk.top_logprobs) else []
-            self.generated.append(token)
-            if self.record:
-                self.sampled_logprobs.append(lp if lp is not None and not math.isnan(lp) else -math.inf)
-                self.topk.append([(t.token_id, t.logprob) for t in top[: self.req.capture_top_k]])
-            if token in self.tok.eos_token_ids and not self.params.ignore_eos:
-                steps.append(self._finish(Step(self.text.flush(), n_tokens=1), "stop"))
-                break
-            want = self.params.logprobs
-            info = _info(self.tok, token, lp if want is not None else None, top, want or 0)
-            released, stopped = self.text.push(info.bytes)
-            if stopped:
-                steps.append(self._finish(Step(released, [info], n_tokens=1), "stop"))
-            elif len(self.generated) >= self.params.max_tokens:
-                steps.append(self._finish(Step(released + self.text.flush(), [info], n_tokens=1), "length"))
-            else:
-                steps.append(Step(released, [info], n_tokens=1))
+            steps.append(self.emit(token, lp, _top(top, self.top_wanted)))
         if self.finish_reason is None and chunk.finish_reason is not None:
             # vLLM ended it (its stop string, EOS it saw, its length): release what we held back, cut at a stop
             # string vLLM matched in its own detokenized text.
             tail = self.text.flush()
             if isinstance(chunk.stop_reason, str) and chunk.stop_reason in tail:
                 tail = tail[: tail.index(chunk.stop_reason)]
-            reason = chunk.finish_reason if chunk.finish_reason in ("stop", "length") else "abort"
-            steps.append(self._finish(Step(tail), reason))
+            steps.append(self.end(chunk.finish_reason if chunk.finish_reason in ("stop", "length") else "abort", tail))
         return steps
-
 
 
 def sampler_extras(p: SamplingParams) -> dict[str, Any]:
