@@ -251,3 +251,16 @@ def test_prequantized_needs_a_checkpoint_base(tmp_path: Path) -> None:
     assert b.status("p").state == "error"
     with pytest.raises(ValueError, match="needs a GPTQ/AWQ checkpoint directory"):
         b.build("p")
+
+
+def test_engines_are_loaders_registered_by_name() -> None:
+    from shrinkserve.compression.profiles import BuiltProfile
+    from shrinkserve.server.engines import loader
+
+    assert {"llamacpp", "torch"} <= set(loader.LOADERS)
+    with pytest.raises(ValueError, match="registered twice"):
+        loader.register_engine("torch")(loader.LOADERS["torch"])
+    built = BuiltProfile(name="x", method="hf", engine="vllm", path=Path("x"), bytes=0, cache_hit=True,
+                         build_seconds=0.0)
+    with pytest.raises(ValueError, match=r"not an in-process engine.*registered: llamacpp, torch"):
+        loader.load_engine(built, None, 2)  # type: ignore[arg-type]
