@@ -12,6 +12,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -33,6 +34,17 @@ from shrinkserve.server.settings import ResolvedServing, Settings
 log = logging.getLogger("shrinkserve.registry")
 
 State = Literal["pending", "building", "loading", "evaluating", "ready", "rejected", "failed"]
+# Which state may follow which. Every change goes through `ProfileRuntime.move`, under the profile's lock: the
+# loader thread, a vLLM child's watch thread, the event loop (lazy loads) and shutdown all change states.
+TRANSITIONS: dict[str, frozenset[str]] = {
+    "pending": frozenset({"building", "failed"}),
+    "building": frozenset({"loading", "failed"}),
+    "loading": frozenset({"evaluating", "ready", "rejected", "failed"}),
+    "evaluating": frozenset({"loading", "ready", "rejected", "failed"}),
+    "ready": frozenset({"rejected", "failed", "pending"}),  # pending: shut down, the engine is gone
+    "rejected": frozenset(),
+    "failed": frozenset(),
+}
 
 
 def process_rss() -> int:
@@ -68,6 +80,18 @@ class ProfileRuntime:
     routes: list[str] = field(default_factory=list)
     quality: dict | None = None  # the evaluation record for the current eval set, once measured
     ready_event: threading.Event = field(default_factory=threading.Event)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def move(self, to: State, *, only_from: Collection[str] | None = None, error: str | None = None) -> bool:
+        """Change the state if `to` may follow the current one (and it is in `only_from`, when given): one
+        atomic check-and-set, so two threads never both start a load or undo each other's end state."""
+        with self._lock:
+            if (only_from is not None and self.state not in only_from) or to not in TRANSITIONS[self.state]:
+                return False
+            self.state = to
+            if error is not None:
+                self.error = error
+            return True
 
     @property
     def gate_failures(self) -> list[str]:
@@ -209,20 +233,20 @@ class Registry:
         self.metrics.set_quality(rt.name, record, rejected=bool(failures))
         if failures and not self.settings.evaluation.serve_rejected:
             log.warning("profile %s rejected by its quality gate: %s", rt.name, "; ".join(failures))
-            rt.state = "rejected"
-            self.metrics.profile_ready.labels(rt.name).set(0)
+            if rt.move("rejected"):
+                self.metrics.profile_ready.labels(rt.name).set(0)
 
     def _load(self, rt: ProfileRuntime) -> None:
         with self._load_lock:
-            if rt.state in ("ready", "failed", "rejected") or self._closed:
+            # A lazy profile was claimed (moved to building) by the request that found it pending.
+            if self._closed or (rt.state != "building" and not rt.move("building", only_from={"pending"})):
                 return
             try:
-                rt.state = "building"
                 built = self.builder.build(rt.name)
                 rt.built = built
                 self.metrics.build_seconds.labels(rt.name).observe(built.build_seconds)
                 self.metrics.artifact_bytes.labels(rt.name).set(built.bytes)
-                rt.state = "loading"
+                rt.move("loading")
                 if rt.spec.engine == "vllm":
                     record = self._load_vllm(rt, built)
                     if rt.core is None:  # shut down while it started
@@ -240,20 +264,19 @@ class Registry:
                     record = self.evaluator.stored(built, rt.spec)
                     if record is None and rt.spec.gate is not None:
                         # A gated profile is measured before it serves a single request.
-                        rt.state = "evaluating"
+                        rt.move("evaluating")
                         record = self.evaluator.run(rt.name, built, rt.spec, engine,
                                                     resident_bytes=rt.resident_bytes)
                 if record is not None:
                     self._apply_quality(rt, record)
-                if rt.state != "rejected":
-                    rt.state = "ready"
+                if rt.move("ready", only_from={"loading", "evaluating"}):
                     self.metrics.profile_ready.labels(rt.name).set(1)
                 log.info("profile %s ready: %s, %d bytes on disk, +%d MiB RSS, %s, %s", rt.name, built.method,
                          built.bytes, (rt.resident_bytes or 0) >> 20, _describe(rt.core),
                          "cache hit" if built.cache_hit else "built")
             except Exception as exc:  # a broken profile must not take the others down
                 log.exception("profile %s failed", rt.name)
-                rt.state, rt.error = "failed", f"{type(exc).__name__}: {exc}"
+                rt.move("failed", error=f"{type(exc).__name__}: {exc}")
             finally:
                 rt.ready_event.set()
 
@@ -273,10 +296,10 @@ class Registry:
                              "use lm_head_bits: null or 4, a 4-bit method, or a GPU")
         record = self.evaluator.stored(built, spec)
         if record is None and (spec.gate is not None or self.settings.evaluation.on_build):
-            rt.state = "evaluating"
+            rt.move("evaluating")
             record = self.evaluator.run_artifact(rt.name, built, spec)
             self.evaluator.release()  # the float32 reference goes before vLLM takes its memory
-        rt.state = "loading"
+        rt.move("loading")
         opts = vllm_options(rt, self.settings)
         tokenizer = HfTokenizer(built.path, context_length=opts.max_model_len, name="vllm")
         opts = opts.model_copy(update={"max_model_len": tokenizer.context_length})
@@ -305,8 +328,8 @@ class Registry:
         seqs = opts.max_num_seqs or s.max_num_seqs
 
         def failed(message: str) -> None:
-            rt.state, rt.error = "failed", f"vLLM server: {message}"
-            self.metrics.profile_ready.labels(rt.name).set(0)
+            if rt.move("failed", error=f"vLLM server: {message}"):
+                self.metrics.profile_ready.labels(rt.name).set(0)
 
         try:
             observer = self.capture.observer(rt.name, tokenizer, built)
@@ -359,7 +382,7 @@ class Registry:
             core, rt.core, rt.engine = rt.core, None, None
             if core is not None:
                 core.close()
-            rt.state = "pending" if rt.state == "ready" else rt.state
+            rt.move("pending", only_from={"ready"})
         self.capture.close()
 
     # ---------------------------------------------------------------- requests
@@ -375,7 +398,7 @@ class Registry:
         if rt.state == "ready":
             return
         if rt.spec.load == "lazy" and rt.state in ("pending", "building", "loading", "evaluating"):
-            if rt.state == "pending" and not self._closed:
+            if not self._closed and rt.move("building", only_from={"pending"}):  # exactly one request starts it
                 threading.Thread(target=self._load_and_evaluate, args=(rt,), name=f"load-{rt.name}",
                                  daemon=True).start()
             waited = await asyncio.to_thread(rt.ready_event.wait, self.settings.load_timeout_seconds)
