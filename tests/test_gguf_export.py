@@ -66,7 +66,7 @@ def torch_greedy(model: Any, ids: list[int], n: int) -> list[int]:
 
 
 class Llama:
-    """llama.cpp on a GGUF file, flash attention off as the server runs it."""
+    """llama.cpp on a GGUF file, flash attention off (float32 attention sums, the closest to transformers)."""
 
     def __init__(self, path: Path) -> None:
         import llama_cpp
