@@ -253,3 +253,14 @@ def test_finished_and_stopped_streams_give_their_connection_back(core: VllmCore)
         return sum(1 for c in pool.connections if not c.is_idle())
 
     assert asyncio.run(many()) == 0
+
+
+def test_vllm_cached_tokens_reach_the_last_step_and_the_prefix_counters(core: VllmCore) -> None:
+    before = core.stats()
+    first = asyncio.run(run(core, request("abcdef", 3, ignore_eos=True)))
+    second = asyncio.run(run(core, request("abcdxy", 3, ignore_eos=True)))
+    assert sum(s.cached_tokens for s in first) == 0
+    # The fake's one-entry cache shares "abcd" with the previous prompt (as vLLM reports in its usage).
+    assert sum(s.cached_tokens for s in second) == 4 and second[-1].cached_tokens == 4
+    after = core.stats()
+    assert after.prefix_queries - before.prefix_queries == 12 and after.prefix_hits - before.prefix_hits == 4

@@ -237,7 +237,8 @@ def test_client_streams_token_ids_and_abort_closes_the_request(fake: VllmProcess
             assert [c.token_ids for c in chunks[:3]] == [[11], [21], [11]]
             assert chunks[0].prompt_token_ids == [10, 20] and chunks[2].finish_reason == "length"
             assert chunks[0].top_logprobs[0][0].token_id == 11  # best first
-            assert chunks[-1].usage == {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5}
+            assert chunks[-1].usage == {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5,
+                                        "prompt_tokens_details": {"cached_tokens": 0}}
             with pytest.raises(VllmRequestError) as err:
                 async for _ in client.stream_completion([1], max_tokens=1, extra={"model": "other"}):
                     pass

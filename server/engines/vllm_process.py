@@ -128,7 +128,9 @@ class VllmProcess:
                 "--served-model-name", self.served_name, "--max-logprobs", str(o.max_logprobs),
                 "--tensor-parallel-size", str(o.tensor_parallel_size),
                 # One access-log line per request would be most of the log; errors are still logged.
-                "--disable-uvicorn-access-log"]
+                "--disable-uvicorn-access-log",
+                # usage.prompt_tokens_details.cached_tokens: what its prefix cache (on by default) served.
+                "--enable-prompt-tokens-details"]
         if self.endpoint.uds is not None:
             args += ["--uds", str(self.endpoint.uds)]
         else:

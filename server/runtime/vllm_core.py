@@ -162,6 +162,9 @@ class VllmCore:
         self._active: set[_Generation] = set()
         self._clients: dict[asyncio.AbstractEventLoop, VllmClient] = {}
         self._pumps: set[asyncio.Task[None]] = set()  # strong references: the loop keeps only weak ones
+        # vLLM's own prefix cache, as its usage reports it (prompt_tokens_details.cached_tokens), in tokens.
+        self.prefix_queries = 0
+        self.prefix_hits = 0
         self._closed = threading.Event()
         self._monitor = threading.Thread(target=self._watch, args=(health_interval,), name=f"vllm-watch-{name}",
                                          daemon=True)
@@ -236,7 +239,11 @@ class VllmCore:
                         return
                     yield prompt
                 first = False
-                for step in state.tokens(item):
+                steps = state.tokens(item)
+                if steps and state.finish_reason is not None and vllm_finished:
+                    # vLLM's usage chunk follows its last token: its cached-token count rides on our last step.
+                    steps[-1].cached_tokens = await self._cached_tokens(gen)
+                for step in steps:
                     gen.produced += step.n_tokens
                     yield step
                 if state.finish_reason is not None:
@@ -263,6 +270,27 @@ class VllmCore:
             finally:
                 self._active.discard(gen)
                 ticket.give_back()
+
+    async def _cached_tokens(self, gen: _Generation) -> int:
+        """The prompt tokens vLLM served from its prefix cache, from the usage chunk that ends its stream (0 when
+        it reports none: an older vLLM, or no usage within a second)."""
+        cached = 0
+        try:
+            async with asyncio.timeout(1.0):
+                while True:
+                    item = await gen.queue.get()
+                    if not isinstance(item, CompletionChunk):
+                        gen.queue.put_nowait(item)  # _END or an error: the loop after us sees it
+                        break
+                    if item.usage is not None:
+                        details = item.usage.get("prompt_tokens_details") or {}
+                        cached = int(details.get("cached_tokens") or 0)
+                        break
+        except TimeoutError:
+            pass
+        self.prefix_queries += len(gen.req.prompt_ids)
+        self.prefix_hits += cached
+        return cached
 
     async def _pump(self, gen: _Generation, prompt_ids: list[int], kwargs: dict) -> None:
         try:
@@ -291,7 +319,8 @@ class VllmCore:
             active = ()
         used = sum(len(g.req.prompt_ids) + g.produced for g in active)
         return CoreStats(running=len(active), waiting=self.admission.waiting, kv_used_tokens=used,
-                         kv_total_tokens=self.kv_budget, max_seqs=self.max_running)
+                         kv_total_tokens=self.kv_budget, max_seqs=self.max_running,
+                         prefix_queries=self.prefix_queries, prefix_hits=self.prefix_hits)
 
     async def drain(self, deadline: float) -> None:
         self.admission.start_draining()

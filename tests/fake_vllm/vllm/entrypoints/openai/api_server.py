@@ -113,6 +113,12 @@ class Handler(BaseHTTPRequestHandler):
                 time.sleep(float(os.environ.get("FAKE_VLLM_TOKEN_S", "0.01")))
             usage = {"prompt_tokens": len(prompt), "completion_tokens": n_out,
                      "total_tokens": len(prompt) + n_out}
+            if "--enable-prompt-tokens-details" in sys.argv:  # a prefix cache of one entry: the previous prompt
+                last = STATE.get("last_prompt") or []
+                pairs = zip(prompt, last, strict=False)
+                same = next((i for i, (a, b) in enumerate(pairs) if a != b), min(len(prompt), len(last)))
+                usage["prompt_tokens_details"] = {"cached_tokens": min(same, len(prompt) - 1)}
+                STATE["last_prompt"] = list(prompt)
             self._chunk(f"data: {json.dumps({'id': 'cmpl-1', 'choices': [], 'usage': usage})}\n\n".encode())
             self._chunk(b"data: [DONE]\n\n")
             self.wfile.write(b"0\r\n\r\n")
