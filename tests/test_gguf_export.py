@@ -98,6 +98,21 @@ class Llama:
         self.llm.close()
 
 
+def top1_agreement(gguf: Path, hf_dir: Path) -> float:
+    """How often llama.cpp on `gguf` and transformers on `hf_dir` (float32) pick the same next token, teacher
+    forced over ~500 tokens of held-out prose."""
+    from shrinkserve.compression.quality import EvalSet
+
+    tok, model = hf_model(hf_dir)
+    ids = list(tok(EvalSet.load().text[:2500], add_special_tokens=False)["input_ids"])[:500]
+    llama = Llama(gguf)
+    try:
+        ours = llama.logits(ids).argmax(-1)
+    finally:
+        llama.close()
+    return float((ours == torch_logits(model, ids).argmax(-1)).mean())
+
+
 def log_softmax(x: np.ndarray) -> np.ndarray:
     z = x.astype(np.float64) - x.max(-1, keepdims=True)
     return z - np.log(np.exp(z).sum(-1, keepdims=True))
@@ -230,15 +245,11 @@ def test_then_chains_build_and_load(test_prune: type[TestPrune], base_hf: Path, 
     q8 = b.build("student-q8")
     assert q8.path.name == "model-q8_0.gguf" and not q8.cache_hit and test_prune.builds == ["student-q8"]
     assert q8.manifest["name"] == "smollm2/test-prune+q8_0"
-    llama = Llama(q8.path)
-    try:
-        tok, _ = hf_model(base_hf)
-        assert len(llama.greedy(chat_ids(tok), 4)) == 4
-    finally:
-        llama.close()
     # The student itself and its RTN quantization reuse the cached student: it is built once.
     own = b.build("student")
     assert own.cache_hit and json.loads((own.path / "config.json").read_text())["num_hidden_layers"] == 3
+    # The Q8_0 GGUF is that student (not the base, not noise): it picks the student's next token.
+    assert top1_agreement(q8.path, own.path) > 0.9
     rtn = b.build("student-rtn")
     assert test_prune.builds == ["student-q8"]
     # weight-only artifacts are compressed-tensors pack-quantized checkpoints (what vLLM serves as is)
@@ -260,8 +271,4 @@ def test_then_chains_build_and_load(test_prune: type[TestPrune], base_hf: Path, 
     # GGUF profiles now derive from a user's HF-directory base (rejected before).
     q4 = b.build("hf-base-q4")
     assert q4.path.name == "model-q4_k_m.gguf" and q4.manifest["name"] == "user/q4_k_m"
-    llama = Llama(q4.path)
-    try:
-        assert len(llama.greedy(chat_ids(tok), 2)) == 2
-    finally:
-        llama.close()
+    assert top1_agreement(q4.path, base_hf) > 0.75  # Q4_K_M of the default model: ~0.88 on held-out prose
