@@ -307,7 +307,7 @@ def percentile(values: Sequence[float], q: float) -> float | None:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
-def _mean(values: Sequence[float]) -> float | None:
+def mean(values: Sequence[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
@@ -361,7 +361,7 @@ def summarize(
         ttft_p95_s=percentile(ttfts, 95),
         itl_p50_s=percentile(itls, 50),
         itl_p95_s=percentile(itls, 95),
-        decode_tps_per_stream=_mean(decode),
+        decode_tps_per_stream=mean(decode),
         aggregate_tps=total_tokens / wall_time_s if wall_time_s > 0 and ok else None,
         errors=list(dict.fromkeys(errors))[:MAX_ERRORS_KEPT],  # distinct messages only
     )

@@ -31,6 +31,7 @@ from shrinkserve.server.tools.bench import (
     RequestRecord,
     fmt_ms,
     fmt_num,
+    mean,
     percentile,
     send_one,
     summarize,
@@ -113,15 +114,11 @@ def chat_body(o: WorkloadOptions, messages: list[dict[str, str]], max_tokens: in
     return body
 
 
-def _mean(values: list[int]) -> float | None:
-    return sum(values) / len(values) if values else None
-
-
 def token_means(records: list[RequestRecord]) -> tuple[float | None, float | None]:
     ok = [r for r in records if r.ok]
-    prompt = _mean([r.prompt_tokens for r in ok if r.prompt_tokens is not None])
+    prompt = mean([r.prompt_tokens for r in ok if r.prompt_tokens is not None])
     cached = [r.cached_tokens for r in ok if r.cached_tokens is not None]
-    return prompt, (_mean(cached) if cached else None)
+    return prompt, mean(cached)
 
 
 def result_of(workload: str, o: WorkloadOptions, records: list[RequestRecord], wall: float,
